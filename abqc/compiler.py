@@ -1,0 +1,101 @@
+"""abqc.compile: capture -> passes -> runnable module, plus the compile report."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .bits import parse_bits
+from .capture import capture
+from .errors import AbqcError
+from .passes import DEFAULT_PIPELINE, REGISTRY, PassContext, run_passes
+
+
+class CompiledModel(nn.Module):
+    """The quantized HF model (its linears lowered) with the compile report.
+
+    forward / generate / config go straight to the wrapped Hugging Face model, so it is a drop-in.
+    """
+
+    def __init__(self, model: nn.Module, report: dict):
+        super().__init__()
+        self.model = model
+        self.report = report
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def write_report(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "report.json"
+        path.write_text(json.dumps(self.report, indent=1))
+        return path
+
+
+def _resolve_passes(passes) -> list:
+    out = []
+    for p in passes:
+        if isinstance(p, str):
+            if p not in REGISTRY:
+                raise AbqcError(f"unknown pass {p!r}: available passes are {', '.join(REGISTRY)}")
+            out.append(REGISTRY[p]())
+        elif callable(p):
+            out.append(p)
+        else:
+            raise AbqcError(f"a pass must be a name or a callable, got {type(p).__name__}")
+    return out
+
+
+def compile(model: nn.Module, bits="w4a8", overrides: dict | None = None, calib: torch.Tensor | None = None,
+            passes=None, inplace: bool = False, seed: int = 0, act_symmetric: bool = False,
+            weight_symmetric: bool = False, report_dir: str | Path | None = None,
+            progress: bool = True) -> CompiledModel:
+    """Quantize a Hugging Face causal LM (Llama / Qwen2 / Mistral family).
+
+    bits: "w4a8", "w2*a8", "w4a16g128", "w2a8,down=w4a8" ... (see abqc.bits); overrides: {selector: pair}.
+    calib: LongTensor [n, seqlen] of calibration ids (unused by RTN; calibration passes need it).
+    passes: names from abqc.passes.REGISTRY or callables; default ("rtn", "lower").
+    inplace: rewrite `model` itself instead of a deep copy.
+    """
+    spec = parse_bits(bits, overrides)
+    if isinstance(model, CompiledModel):
+        raise AbqcError("the model is already compiled by abqc; compile the floating-point model instead")
+    if calib is not None:
+        if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+            raise AbqcError("calib must be a LongTensor of token ids [n_samples, seqlen] "
+                            "(see abqc.data.calibration_samples)")
+    t0 = time.perf_counter()
+    target = model if inplace else copy.deepcopy(model)
+    captured = capture(target)
+    spec.check_layers(len(captured.blocks))
+    torch.manual_seed(seed)
+    ctx = PassContext(spec, calib=calib, seed=seed, weight_symmetric=weight_symmetric,
+                      act_symmetric=act_symmetric, progress=progress)
+    captured, reports = run_passes(captured, ctx, _resolve_passes(passes or DEFAULT_PIPELINE))
+    report = {
+        "abqc_version": __version__,
+        "bits": str(spec),
+        "model_type": target.config.model_type,
+        "n_layers": len(captured.blocks),
+        "relations": {"norm_groups": captured.blocks[0].norm_groups, "v_to_o": list(captured.blocks[0].v_to_o or []),
+                      "gated_mlp": list(captured.blocks[0].gated_mlp or [])} if captured.blocks else {},
+        "passes": [r.to_json() for r in reports],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    compiled = CompiledModel(target, report)
+    if report_dir is not None:
+        compiled.write_report(report_dir)
+    return compiled

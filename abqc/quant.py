@@ -1,0 +1,168 @@
+"""Quantizer math: the one place that maps floats to integer codes and codes to bit-planes.
+
+Convention used everywhere (CPU reference, GPU kernels, export):
+    value = scale * (u - zero),   u an unsigned integer code in [0, 2^planes - 1], zero an integer.
+Asymmetric quantizers put the range [min(x, 0), max(x, 0)] on the grid, so zero is always a code in
+[0, qmax]: integer corrections stay small and exact. Symmetric b-bit quantizers use zero = 2^(b-1)
+and the grid [-2^(b-1), 2^(b-1)-1]; the bit-balanced 2-bit grid is symmetric {-2,-1,0,1,2}
+(zero = 2, five codes, three planes).
+
+Bit-planes: codes [R, K] are packed into int32 words [planes, R, ceil(K/pad)*pad/32]. Plane i holds
+bit i of every code (plane 0 = least significant); element k lives in word k // 32 at bit k % 32
+(LSB first). Padding elements are 0 in every plane, so they add nothing to an AND-popcount product.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CLIP_MIN = 1e-8  # smallest scale: an all-zero group would otherwise divide by zero
+
+
+def grid(bits: int, symmetric: bool = False, balanced: bool = False) -> tuple[int, int, int]:
+    """(planes, qmax, fixed_zero or -1) of a quantizer. qmax is the largest code."""
+    if balanced:
+        if bits != 2:
+            raise ValueError("bit balance exists only for 2-bit weights")
+        return 3, 4, 2
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if symmetric:
+        if bits == 1:
+            raise ValueError("a symmetric 1-bit grid has no integer zero point; use asymmetric 1-bit")
+        return bits, 2 ** bits - 1, 2 ** (bits - 1)
+    return bits, 2 ** bits - 1, -1
+
+
+def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, balanced: bool):
+    planes, qmax, fixed_zero = grid(bits, symmetric, balanced)
+    if fixed_zero >= 0:
+        # symmetric: the negative half of the grid has fixed_zero levels below zero
+        absmax = torch.maximum(xmax.abs(), xmin.abs())
+        pos_levels = qmax - fixed_zero if balanced else fixed_zero - 1
+        scale = (absmax / max(pos_levels, 1)).clamp(min=CLIP_MIN)
+        zero = torch.full_like(scale, float(fixed_zero))
+    else:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+        scale = ((xmax - xmin) / qmax).clamp(min=CLIP_MIN)
+        zero = (-xmin / scale).round().clamp(0, qmax)
+    return scale, zero, qmax
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes u = clamp(round(x / scale) + zero, 0, qmax), as float (exact integers)."""
+    return (torch.round(x / scale) + zero).clamp(0, qmax)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix [N, K] as codes plus per-(channel, group) scale and zero point."""
+
+    codes: torch.Tensor   # [N, K] int16 codes in [0, 2^planes - 1]
+    scale: torch.Tensor   # [N, G] float32
+    zero: torch.Tensor    # [N, G] int32
+    planes: int
+    group_size: int       # K for per-channel
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.group_size
+        u = _pad_k(self.codes.float(), g).view(n, -1, g)
+        w = (u - self.zero.float().unsqueeze(-1)) * self.scale.unsqueeze(-1)
+        return w.view(n, -1)[:, :k]
+
+
+def _pad_k(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    k = x.shape[-1]
+    kp = math.ceil(k / multiple) * multiple
+    return x if kp == k else torch.nn.functional.pad(x, (0, kp - k))
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                    balanced: bool = False, clip_max: torch.Tensor | None = None,
+                    clip_min: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest weight quantization per output channel (group_size None) or per group along K.
+
+    clip_max / clip_min ([N, G] or broadcastable factors in (0, 1]) shrink the range, as learned clipping does.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = group_size or k
+    wf = w.detach().float()
+    wg = _pad_k(wf, g).view(n, -1, g)
+    if g != k and k % g:
+        # padded tail group: take min/max over real elements only
+        mask = _pad_k(torch.ones(1, k), g).view(1, -1, g).bool()
+        xmax = wg.masked_fill(~mask, -math.inf).amax(-1)
+        xmin = wg.masked_fill(~mask, math.inf).amin(-1)
+    else:
+        xmax, xmin = wg.amax(-1), wg.amin(-1)
+    if clip_max is not None:
+        xmax = xmax * clip_max
+    if clip_min is not None:
+        xmin = xmin * clip_min
+    scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced)
+    codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), qmax).view(n, -1)[:, :k]
+    planes = grid(bits, symmetric, balanced)[0]
+    return QuantizedWeight(codes.to(torch.int16), scale, zero.to(torch.int32), planes, g)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                      balanced: bool = False) -> torch.Tensor:
+    return quantize_weight(w, bits, group_size, symmetric, balanced).dequantize().to(w.dtype)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False):
+    """Per-token dynamic quantization over the last dim. Returns (codes float, scale [..., 1], zero [..., 1])."""
+    xf = x.float()
+    scale, zero, qmax = _scale_zero(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric, False)
+    return quantize_codes(xf, scale, zero, qmax), scale, zero
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+    if bits >= 16:
+        return x
+    u, s, z = quantize_activation(x, bits, symmetric)
+    return ((u - z) * s).to(x.dtype)
+
+
+# ---------------------------------------------------------------- bit-planes
+
+def pack_bitplanes(codes: torch.Tensor, planes: int, pad_to: int = 32) -> torch.Tensor:
+    """Codes [R, K] (non-negative ints < 2^planes) -> int32 words [planes, R, Kp/32], Kp = K padded to pad_to."""
+    if pad_to % 32:
+        raise ValueError("pad_to must be a multiple of 32")
+    c = codes.to(torch.int64)
+    if c.dim() != 2:
+        raise ValueError(f"codes must be 2-D [rows, K], got shape {tuple(c.shape)}")
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2 ** planes):
+        raise ValueError(f"codes must lie in [0, {2 ** planes - 1}] for {planes} planes")
+    c = _pad_k(c, pad_to)
+    r, kp = c.shape
+    c = c.view(r, kp // 32, 32)
+    shifts = torch.arange(32, dtype=torch.int64)
+    out = torch.empty(planes, r, kp // 32, dtype=torch.int32)
+    for i in range(planes):
+        word = (((c >> i) & 1) << shifts).sum(-1)              # < 2^32, exact in int64
+        out[i] = (word - ((word >> 31) << 32)).to(torch.int32)  # reinterpret as two's-complement int32
+    return out
+
+
+def unpack_bitplanes(words: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Inverse of pack_bitplanes: int32 [planes, R, W] -> int64 codes [R, k or 32*W]."""
+    planes, r, w = words.shape
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [planes, R, W, 32]
+    weights = (1 << torch.arange(planes, dtype=torch.int64)).view(planes, 1, 1, 1)
+    codes = (bits * weights).sum(0).reshape(r, w * 32)
+    return codes if k is None else codes[:, :k]
+
+
+def unpack_planes01(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Individual planes as 0/1 int64 [planes, R, k] (for the binary-product reference)."""
+    planes, r, w = words.shape
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    return ((u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(planes, r, w * 32)[..., :k]
