@@ -34,10 +34,26 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False):
         return cls(linear.in_features, linear.out_features, pair, qw, linear.bias, act_symmetric)
 
+    def _cuda_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        from . import cuda
+        cuda.register()
+        gw, kp = ops.group_layout(self.in_features, self.group_size)
+        wt = getattr(self, "_w_tiled", None)
+        if wt is None or wt.device != x2.device:
+            from ..codegen.layout import tile_weights
+            wt = self._w_tiled = tile_weights(self.w_planes, gw)   # once per device: the kernels' layout
+        return cuda.bmma_linear(x2, wt, self.w_scale, self.w_zero, self.w_sum, self.bias, self.out_features,
+                                self.pair.a_bits, gw, kp // (gw * 32), self.in_features, self.act_symmetric,
+                                tile=self.tile)
+
+    tile = None  # (warps splitting K, token tiles) chosen by the planner; None: runtime default
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.pair.weight_only:
+        if x2.is_cuda and not self.pair.weight_only:
+            y = self._cuda_linear(x2)
+        elif self.pair.weight_only:
             y = ops.wq_linear(x2, self.w_planes, self.w_scale, self.w_zero, self.bias,
                               self.group_size, self.in_features)
         else:

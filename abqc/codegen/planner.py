@@ -1,0 +1,97 @@
+"""Kernel planner: for (N, K layout, bit pair, M bucket, arch) pick the launch tile (warps splitting K,
+token tiles per warp) by timing every candidate on first use; plans are cached in
+ABQC_CACHE/plans.json. With tuning off, `abqc.runtime.cuda.default_tile` is used (documented there).
+
+Only one kernel family (the fused m16n8k256 b1 kernel) exists so far; the plan records the family so
+that Hopper wgmma and INT8-unpack families can compete here when they land.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+from ..models import cache_dir
+from .config import token_tile_choices
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+WARPS_K = (2, 4, 8)
+_LOCK = threading.Lock()
+_PLANS: dict | None = None
+
+
+def m_bucket(m: int) -> int:
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def _path():
+    return cache_dir() / "plans.json"
+
+
+def _load() -> dict:
+    global _PLANS
+    if _PLANS is None:
+        p = _path()
+        try:
+            _PLANS = json.loads(p.read_text()) if p.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            _PLANS = {}      # a damaged cache only costs re-tuning
+    return _PLANS
+
+
+def plan_key(n, kw, group_words, p, q, m, arch) -> str:
+    return f"{arch}|n{n}|kw{kw}|gw{group_words}|w{p}a{q}|m{m_bucket(m)}"
+
+
+def candidates(p: int, q: int, m: int) -> list[tuple[int, int]]:
+    tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
+    return [(wk, tm) for wk in WARPS_K for tm in tms]
+
+
+def time_us(fn, iters: int = 20, reps: int = 5) -> float:
+    """Median over reps of a CUDA-graph replay of `iters` calls, per call, in microseconds."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
+    """run(tile) launches the kernel with tile=(wk, tm). Returns {"family", "tile", "us" or None, "tuned"}."""
+    from ..runtime.cuda import default_tile
+    key = plan_key(n, kw, group_words, p, q, m, arch)
+    plans = _load()
+    if key in plans:
+        return plans[key]
+    if not tune:
+        return {"family": "bmma", "tile": list(default_tile(m, p, q, n, kw // 8)), "us": None, "tuned": False}
+    best = None
+    for tile in candidates(p, q, m):
+        us = time_us(lambda: run(tile))
+        if best is None or us < best[1]:
+            best = (tile, us)
+    plan = {"family": "bmma", "tile": list(best[0]), "us": round(best[1], 3), "tuned": True}
+    with _LOCK:
+        plans[key] = plan
+        try:
+            _path().parent.mkdir(parents=True, exist_ok=True)
+            _path().write_text(json.dumps(plans, indent=1))
+        except OSError:
+            pass
+    return plan

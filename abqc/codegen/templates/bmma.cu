@@ -1,0 +1,206 @@
+// abqc bit-plane kernels. The generator prepends the config:
+//   P  weight bit-planes, Q activation bit-planes, TM token tiles (of 8) per warp.
+// The block's warps (blockDim.x / 32, a launch parameter) split K.
+// Binary products use mma.sync m16n8k256 .b1 AND+popc only (XOR and INT4 MMA are emulated on sm_90).
+//
+// Weights are pre-tiled (abqc.codegen.layout.tile_weights): for every 16-channel tile, K step of
+// 256 bits and plane, each lane's four A-fragment words sit in one uint4, so a warp loads 512
+// contiguous bytes per plane and step. Activation planes keep the canonical layout [Q][M][KW].
+// The product of planes i (weights) and j (activations) is accumulated into acc[i+j]: MMAs chain
+// on the accumulator, and 2^(i+j) is applied once per K group when the planes are combined.
+typedef unsigned int u32;
+typedef long long i64;
+
+#define S_ACC (P + Q - 1)
+#define FULL 0xffffffffu
+
+__device__ __forceinline__ void bmma_and(int (&d)[4], const uint4 &a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+struct Args {
+  const uint4 *wt;      // tiled weight planes [NT][S][P][32] uint4
+  const u32 *act;       // activation planes [Q][M][KW]
+  int M, N, K, G, gw, SG;   // gw words per group, SG 256-bit steps per group
+  const float *w_scale; const int *w_zero; const int *w_sum;      // [N][G]
+  const float *a_scale; const int *a_zero; const int *a_sum;      // [M], [M], [M][G]
+  const float *bias;    // [N] or null
+  void *out;            // int32 [M][N][G] (mode 0) or y [M][N] (mode 1 f32, 2 f16, 3 bf16)
+  int mode;
+  int stage_stride;     // > 0: the block copies its activation rows to shared memory with this row stride
+};
+
+__device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
+  if (mode == 1) {
+    ((float *)out)[idx] = v;
+  } else if (mode == 2) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    ((unsigned short *)out)[idx] = h;
+  } else {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    ((unsigned short *)out)[idx] = h;
+  }
+}
+
+__device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
+  const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
+#pragma unroll
+  for (int i = 0; i < P; ++i) wf[i] = __ldg(src + i * 32);
+}
+
+// One K step (256 bits): all P x Q plane products for TM token tiles. Activation words come from
+// shared memory when the block staged them (rows = tokens m0.., stride a.stage_stride), else global.
+__device__ __forceinline__ void mma_step(const Args &a, const u32 *xs, int s, int m0, int lane,
+                                         const uint4 (&wf)[P], int (&acc)[TM][S_ACC][4]) {
+  const int g = lane >> 2, t = lane & 3;
+  const int grp = s / a.SG, ws = (s - grp * a.SG) * 8;
+  const int w0 = grp * a.gw + ws + t;
+  const bool v0 = ws + t < a.gw, v1 = ws + t + 4 < a.gw;
+  const int rows = min(8 * TM, a.M - m0);
+#pragma unroll
+  for (int tm = 0; tm < TM; ++tm) {
+    const int ml = tm * 8 + g;
+    const bool mv = ml < rows;
+#pragma unroll
+    for (int j = 0; j < Q; ++j) {
+      u32 b0 = 0u, b1 = 0u;
+      if (a.stage_stride > 0) {
+        const u32 *row = xs + (j * rows + ml) * a.stage_stride;
+        if (mv && v0) b0 = row[w0];
+        if (mv && v1) b1 = row[w0 + 4];
+      } else {
+        const u32 *row = a.act + ((i64)j * a.M + m0 + ml) * (a.G * a.gw);
+        if (mv && v0) b0 = __ldg(row + w0);
+        if (mv && v1) b1 = __ldg(row + w0 + 4);
+      }
+#pragma unroll
+      for (int i = 0; i < P; ++i) bmma_and(acc[tm][i + j], wf[i], b0, b1);
+    }
+  }
+}
+
+// Steps s0, s0+stride, ... < s1 with the next step's weight fragments loaded before this step's MMAs.
+__device__ __forceinline__ void run_steps(const Args &a, const u32 *xs, int nt, int s0, int s1, int stride,
+                                          int m0, int lane, int (&acc)[TM][S_ACC][4]) {
+  if (s0 >= s1) return;
+  uint4 cur[P], nxt[P];
+  load_w(a, nt, s0, lane, cur);
+  for (int s = s0; s < s1; s += stride) {
+    if (s + stride < s1) load_w(a, nt, s + stride, lane, nxt);
+    mma_step(a, xs, s, m0, lane, cur, acc);
+#pragma unroll
+    for (int i = 0; i < P; ++i) cur[i] = nxt[i];
+  }
+}
+
+__device__ __forceinline__ int combine(const int (&accs)[S_ACC][4], int r) {
+  int c = 0;
+#pragma unroll
+  for (int s = 0; s < S_ACC; ++s) c += accs[s][r] << s;
+  return c;
+}
+
+// Exact zero-point correction of one group for accumulator position r, scaled by the weight scale.
+__device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {
+  const int gs = a.gw * 32;
+  const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1);
+  const i64 zw = a.w_zero[(i64)n * a.G + grp], za = a.a_zero[m];
+  const i64 tv = (i64)c - zw * a.a_sum[(i64)m * a.G + grp] - za * a.w_sum[(i64)n * a.G + grp] + kg * za * zw;
+  return a.w_scale[(i64)n * a.G + grp] * (float)tv;
+}
+
+extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
+  // shared memory: [WK][32][TM*4] reduction partials, then the staged activation rows [Q][rows][stride]
+  extern __shared__ float red[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = blockIdx.x, m0 = blockIdx.y * (8 * TM), WK = blockDim.x >> 5;
+  u32 *xs = (u32 *)(red + WK * 32 * TM * 4);
+  if (a.stage_stride > 0) {
+    const int rows = min(8 * TM, a.M - m0), kw = a.G * a.gw;
+    for (int idx = threadIdx.x; idx < Q * rows * kw; idx += blockDim.x) {
+      const int j = idx / (rows * kw), rem = idx - j * rows * kw, ml = rem / kw, w = rem - ml * kw;
+      xs[(j * rows + ml) * a.stage_stride + w] = __ldg(a.act + ((i64)j * a.M + m0 + ml) * kw + w);
+    }
+    __syncthreads();
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const int steps = a.G * a.SG;
+  float part[TM][4];
+#pragma unroll
+  for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) part[tm][r] = 0.f;
+
+  int acc[TM][S_ACC][4];
+  if (a.G == 1) {
+    // per-channel: warps split the K steps; integer partials are reduced exactly across warps
+#pragma unroll
+    for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+      for (int s = 0; s < S_ACC; ++s)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
+    run_steps(a, xs, nt, warp, steps, WK, m0, lane, acc);
+#pragma unroll
+    for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) part[tm][r] = __int_as_float(combine(acc[tm], r));
+  } else {
+    // per-group: warps split whole groups; each group is corrected and scaled when it ends
+    for (int grp = warp; grp < a.G; grp += WK) {
+#pragma unroll
+      for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+        for (int s = 0; s < S_ACC; ++s)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
+      run_steps(a, xs, nt, grp * a.SG, (grp + 1) * a.SG, 1, m0, lane, acc);
+#pragma unroll
+      for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int n = nt * 16 + g + (r >> 1) * 8, m = m0 + tm * 8 + 2 * t + (r & 1);
+          const int c = combine(acc[tm], r);
+          if (n < a.N && m < a.M) {
+            if (a.mode == 0) ((int *)a.out)[((i64)m * a.N + n) * a.G + grp] = c;
+            else part[tm][r] += group_term(a, n, m, grp, c);
+          }
+        }
+    }
+    if (a.mode == 0) return;
+  }
+
+  // cross-warp reduction (ints stored bitwise in the float buffer for the per-channel case)
+#pragma unroll
+  for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[(warp * 32 + lane) * (TM * 4) + tm * 4 + r] = part[tm][r];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int n = nt * 16 + g + (r >> 1) * 8, m = m0 + tm * 8 + 2 * t + (r & 1);
+      if (n >= a.N || m >= a.M) continue;
+      if (a.G == 1) {
+        int c = 0;
+        for (int w = 0; w < WK; ++w) c += __float_as_int(red[(w * 32 + lane) * (TM * 4) + tm * 4 + r]);
+        if (a.mode == 0) { ((int *)a.out)[(i64)m * a.N + n] = c; continue; }
+        part[tm][r] = group_term(a, n, m, 0, c);
+      } else {
+        float y = 0.f;
+        for (int w = 0; w < WK; ++w) y += red[(w * 32 + lane) * (TM * 4) + tm * 4 + r];
+        part[tm][r] = y;
+      }
+      float y = part[tm][r] * a.a_scale[m];
+      if (a.bias) y += a.bias[n];
+      store_y(a.out, a.mode, (i64)m * a.N + n, y);
+    }
+}

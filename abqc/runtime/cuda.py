@@ -1,0 +1,214 @@
+"""CUDA implementations of the runtime ops, launched from Python through the CUDA driver API.
+
+Kernels come from abqc.codegen (NVRTC, cached by config). `register()` attaches them to
+abqc::bitplane_mm and abqc::wpaq_linear for CUDA tensors; QuantLinear calls `bmma_linear` with
+weights it has tiled once. Launches go on torch's current stream, so CUDA graphs capture them.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..codegen import layout
+from ..codegen.config import KernelConfig, token_tile_choices
+from ..errors import AbqcError
+
+_LOCK = threading.Lock()
+_FUNCS: dict = {}
+_REGISTERED = {"done": False}
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("wt", ctypes.c_void_p), ("act", ctypes.c_void_p),
+                ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("G", ctypes.c_int),
+                ("gw", ctypes.c_int), ("SG", ctypes.c_int),
+                ("w_scale", ctypes.c_void_p), ("w_zero", ctypes.c_void_p), ("w_sum", ctypes.c_void_p),
+                ("a_scale", ctypes.c_void_p), ("a_zero", ctypes.c_void_p), ("a_sum", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int),
+                ("stage_stride", ctypes.c_int)]
+
+
+class _QArgs(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("in_dtype", ctypes.c_int),
+                ("M", ctypes.c_int), ("K", ctypes.c_int), ("KW", ctypes.c_int), ("gw", ctypes.c_int),
+                ("G", ctypes.c_int), ("symmetric", ctypes.c_int),
+                ("planes", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p)]
+
+
+_DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+MAX_SMEM = 160 * 1024     # dynamic shared memory a kernel may ask for (sm_80: 163 KB, sm_90: 227 KB)
+STAGE_LIMIT = 96 * 1024   # activation rows staged in shared memory up to this size
+
+
+def available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cuda.bindings.driver  # noqa: F401
+        import cuda.bindings.nvrtc  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise AbqcError(f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) lacks the m16n8k256 binary "
+                        "tensor-core MMA abqc's kernels use: an Ampere (sm_80) or newer GPU is needed")
+    return "sm_90a" if major == 9 else f"sm_{major}{minor}"
+
+
+def _drv():
+    from cuda.bindings import driver
+    return driver
+
+
+def _check(err, what):
+    drv = _drv()
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver error in {what}: {err}")
+
+
+def function(cfg: KernelConfig, device: torch.device):
+    """The loaded CUfunction for cfg on device (compiled with NVRTC on first use)."""
+    key = (cfg, device.index)
+    f = _FUNCS.get(key)
+    if f is not None:
+        return f
+    with _LOCK:
+        if key in _FUNCS:
+            return _FUNCS[key]
+        from ..codegen.nvrtc import compile_cubin
+        cubin = compile_cubin(cfg)
+        drv = _drv()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream().synchronize()   # makes torch's primary context current
+            err, mod = drv.cuModuleLoadData(cubin)
+            _check(err, f"loading {cfg.name}")
+            err, fn = drv.cuModuleGetFunction(mod, cfg.name.encode())
+            _check(err, f"finding {cfg.name}")
+            err, = drv.cuFuncSetAttribute(
+                fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, MAX_SMEM)
+            _check(err, "raising the shared-memory limit")
+        _FUNCS[key] = (mod, fn)
+        return _FUNCS[key]
+
+
+def _launch(fn, grid, block, smem, args_struct, device):
+    drv = _drv()
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(args_struct))
+    stream = torch.cuda.current_stream(device).cuda_stream
+    err, = drv.cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, smem, drv.CUstream(stream),
+                              ctypes.addressof(params), 0)
+    _check(err, "cuLaunchKernel")
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_features: int, symmetric: bool):
+    """x [M, K] (f32/f16/bf16, CUDA) -> planes int32 [Q, M, G*gw], sums int32 [M, G], scale f32 [M], zero int32 [M]."""
+    x = x.contiguous()
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
+    m = x.shape[0]
+    kw = groups * group_words
+    dev = x.device
+    planes = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
+    sums = torch.empty(m, groups, dtype=torch.int32, device=dev)
+    scale = torch.empty(m, dtype=torch.float32, device=dev)
+    zero = torch.empty(m, dtype=torch.int32, device=dev)
+    if m == 0:
+        return planes, sums, scale, zero
+    smem = 4 * (in_features + groups)
+    if smem > MAX_SMEM:
+        raise AbqcError(f"in_features {in_features} too large for the activation packer (row of {smem} bytes "
+                        f"exceeds {MAX_SMEM} bytes of shared memory)")
+    cfg = KernelConfig("quant_pack", a_bits, arch=arch_of(dev))
+    _, fn = function(cfg, dev)
+    args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
+                  planes.data_ptr(), sums.data_ptr(), scale.data_ptr(), zero.data_ptr())
+    threads = 1024 if m <= 64 else 256   # few tokens: many warps per token; many tokens: many blocks
+    _launch(fn, (m, 1), threads, smem, args, dev)
+    return planes, sums, scale, zero
+
+
+def default_tile(m: int, p: int, q: int, n: int, k_steps: int) -> tuple[int, int]:
+    """(warps splitting K, token tiles) used when no tuned plan exists: decode shapes split K wide to
+    keep enough loads in flight; prefill shapes reuse each weight fragment across more tokens."""
+    tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
+    wk = 8 if k_steps >= 32 else 4 if k_steps >= 8 else 2
+    return wk, tm
+
+
+def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
+         mode: int, epi: dict | None = None, tile: tuple[int, int] | None = None, out_dtype=torch.float16):
+    """Launch the fused bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype."""
+    q, m, kw = a_planes.shape
+    nt, steps, p = w_tiled.shape[:3]
+    groups = kw // group_words
+    sg = layout.steps_per_group(group_words)
+    if steps != groups * sg or nt * 16 < n:
+        raise ValueError("tiled weights do not match the activation planes' K layout")
+    dev = a_planes.device
+    wk, tm = tile or default_tile(m, p, q, n, steps)
+    if mode == 0:
+        out = torch.empty(m, n, groups, dtype=torch.int32, device=dev)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return out
+    epi = epi or {}
+    cfg = KernelConfig("bmma", q, p, tm, arch_of(dev))
+    _, fn = function(cfg, dev)
+    args = _Args(w_tiled.data_ptr(), a_planes.data_ptr(), m, n, in_features, groups, group_words, sg,
+                 _ptr(epi.get("w_scale")), _ptr(epi.get("w_zero")), _ptr(epi.get("w_sum")),
+                 _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(epi.get("a_sum")),
+                 _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype])
+    red = wk * 32 * tm * 4 * 4
+    rows = min(8 * tm, m)
+    stride = kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
+    stage = q * rows * stride * 4
+    if red + stage <= min(STAGE_LIMIT, MAX_SMEM):
+        args.stage_stride = stride
+    else:
+        stage = 0
+    _launch(fn, (nt, -(-m // (8 * tm))), wk * 32, red + stage, args, dev)
+    return out
+
+
+def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None) -> torch.Tensor:
+    """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch."""
+    planes, sums, scale, zero = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)
+    epi = {"w_scale": w_scale, "w_zero": w_zero, "w_sum": w_sum, "a_scale": scale, "a_zero": zero,
+           "a_sum": sums, "bias": bias}
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+    return bmma(w_tiled, planes, n, in_features, group_words, 1, epi, tile, out_dtype)
+
+
+def register() -> None:
+    """Attach the CUDA kernels to the abqc ops (idempotent)."""
+    if _REGISTERED["done"]:
+        return
+    from . import ops
+
+    @torch.library.register_kernel("abqc::bitplane_mm", "cuda")
+    def _bitplane_mm_cuda(a_planes, w_planes, group_words):
+        ops._check_planes(a_planes, w_planes, group_words)
+        wt = layout.tile_weights(w_planes, group_words)
+        return bmma(wt, a_planes.contiguous(), w_planes.shape[1], a_planes.shape[2] * 32, group_words, 0)
+
+    @torch.library.register_kernel("abqc::wpaq_linear", "cuda")
+    def _wpaq_linear_cuda(x, w_planes, w_scale, w_zero, w_sum, bias, a_bits, group_size, in_features, act_symmetric):
+        gw, kp = ops.group_layout(in_features, group_size)
+        wt = layout.tile_weights(w_planes, gw)
+        return bmma_linear(x, wt, w_scale, w_zero, w_sum, bias, w_planes.shape[1], a_bits, gw, kp // (gw * 32),
+                           in_features, act_symmetric)
+
+    _REGISTERED["done"] = True

@@ -1,0 +1,206 @@
+"""Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
+FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
+
+    python benchmarks/kernels.py [--tune] [--quick]
+
+Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
+of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
+real model rather than from L2. abqc rows include the activation quantize-and-pack kernel (the whole
+linear from FP16 in to FP16 out); the INT8/FP8 rows time the GEMM alone on already-quantized
+activations, and pad M up to what those kernels accept (noted). For M <= 8 the table reports the
+packed weight bytes moved per second as a fraction of the measured device-to-device copy rate.
+Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from abqc import quant  # noqa: E402
+from abqc.bits import parse_pair  # noqa: E402
+from abqc.codegen import layout, planner  # noqa: E402
+from abqc.runtime import QuantLinear, ops  # noqa: E402
+from abqc.runtime import cuda as rcuda  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
+MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
+BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read and written."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    us = planner.time_us(lambda: b.copy_(a), iters=5)
+    return 2 * a.numel() * 4 / (us * 1e-6)
+
+
+def copies_for(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(64, -(-2 * l2 // max(nbytes, 1))))
+
+
+def rotating(fns) -> callable:
+    """One call that runs every fn once: a graph of it times all copies; divide by len(fns)."""
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
+def bench_fp16(x, n, k):
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(2 * n * k))]
+    return planner.time_us(rotating([lambda w=w: torch.matmul(x, w.t()) for w in ws]), iters=1) / len(ws)
+
+
+def bench_int8(x, n, k):
+    m = x.shape[0]
+    mp = max(m, 17)                                  # _int_mm needs M > 16
+    a = torch.randint(-127, 127, (mp, k), device="cuda", dtype=torch.int8)
+    ws = [torch.randint(-127, 127, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies_for(n * k))]
+    us = planner.time_us(rotating([lambda w=w: torch._int_mm(a, w.t()) for w in ws]), iters=1) / len(ws)
+    return us, (f"M padded to {mp}" if mp != m else "")
+
+
+def bench_fp8(x, n, k):
+    m = x.shape[0]
+    mp = -(-m // 16) * 16
+    a = torch.randn(mp, k, device="cuda").to(torch.float8_e4m3fn)
+    ws = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies_for(n * k))]
+    one = torch.tensor(1.0, device="cuda")
+    us = planner.time_us(rotating([lambda w=w: torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one,
+                                                                 out_dtype=torch.bfloat16) for w in ws]), iters=1) / len(ws)
+    return us, (f"M padded to {mp}" if mp != m else "")
+
+
+def bench_int4_weight_only(x, n, k):
+    xb = x.to(torch.bfloat16)
+    w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    packed_u8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
+    packed = torch._convert_weight_to_int4pack(packed_u8, 8)
+    sz = torch.randn(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+    ws = [packed.clone() for _ in range(copies_for(n * k // 2))]
+    return planner.time_us(rotating([lambda p=p: torch._weight_int4pack_mm(xb, p, 128, sz) for p in ws]),
+                           iters=1) / len(ws), "group 128, bf16 activations"
+
+
+def abqc_layer(bits, n, k):
+    pair = parse_pair(bits)
+    lin = torch.nn.Linear(k, n, bias=False)
+    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced,
+                               balanced=pair.balanced)
+    return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
+
+
+def bench_abqc(pair, ql, x, tune: bool):
+    gw, kp = ops.group_layout(ql.in_features, ql.group_size)
+    groups = kp // (gw * 32)
+    wt = layout.tile_weights(ql.w_planes, gw)
+    wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
+    m = x.shape[0]
+
+    def call(w, tile):
+        return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
+                                 groups, ql.in_features, False, tile=tile)
+
+    plan = planner.choose(lambda tile: call(wt, tile), ql.out_features, groups * gw, gw, wt.shape[2], pair.a_bits,
+                          m, rcuda.arch_of(x.device), tune=tune)
+    tile = tuple(plan["tile"])
+    us = planner.time_us(rotating([lambda w=w: call(w, tile) for w in wts]), iters=1) / len(wts)
+    # breakdown: the activation packer alone, and the bit-plane kernel alone on packed activations
+    packed = rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
+    epi = {"w_scale": ql.w_scale, "w_zero": ql.w_zero, "w_sum": ql.w_sum, "a_scale": packed[2],
+           "a_zero": packed[3], "a_sum": packed[1]}
+    pack_us = planner.time_us(lambda: rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False))
+    gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features, gw, 2,
+                                                               epi, tile) for w in wts]), iters=1) / len(wts)
+    return us, tile, wt.shape[2] * ql.out_features * kp // 8, pack_us, gemm_us
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tune", action="store_true", help="autotune abqc tiles per shape (planner) before timing")
+    ap.add_argument("--quick", action="store_true", help="M in {1, 8, 128, 2048} only")
+    ap.add_argument("--bits", nargs="+", default=BITS)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    if not rcuda.available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (sm_80+) with cuda-bindings installed")
+    from abqc.codegen.config import all_configs
+    from abqc.codegen.nvrtc import precompile
+    precompile(all_configs(rcuda.arch_of(torch.device("cuda"))))
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
+    ms = [1, 8, 128, 2048] if args.quick else MS
+    records = []
+
+    def add(impl, bits, m, n, k, us, ops_count, wbytes=None, note="", tile=None):
+        rec = {"gpu": gpu, "impl": impl, "bits": bits, "M": m, "N": n, "K": k, "median_us": round(us, 3),
+               "tflops_or_tops": round(ops_count / (us * 1e-6) / 1e12, 2),
+               "weight_bw_frac": round(wbytes / (us * 1e-6) / bw, 3) if wbytes and m <= 8 else None,
+               "note": note}
+        if tile:
+            rec["tile"] = list(tile)
+        records.append(rec)
+        print(f"{impl:>12} {bits:>6} M={m:<5} N={n:<6} K={k:<6} {us:9.2f} us  {rec['tflops_or_tops']:8.2f} T/s"
+              + (f"  bw {rec['weight_bw_frac']:.2f}" if rec["weight_bw_frac"] else "") + (f"  {note}" if note else ""),
+              flush=True)
+
+    layers = {}
+    for n, k in SHAPES:
+        for bits in args.bits:
+            layers[(bits, n, k)] = abqc_layer(bits, n, k)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            flop = 2 * m * n * k
+            add("cublas-fp16", "w16a16", m, n, k, bench_fp16(x, n, k), flop, 2 * n * k)
+            us, note = bench_int8(x, n, k)
+            add("int8-int_mm", "w8a8", m, n, k, us, flop, n * k, note)
+            us, note = bench_fp8(x, n, k)
+            add("fp8-scaled_mm", "w8a8", m, n, k, us, flop, n * k, note)
+            try:
+                us, note = bench_int4_weight_only(x, n, k)
+                add("int4-wo", "w4a16", m, n, k, us, flop, n * k // 2, note)
+            except RuntimeError as e:
+                print(f"int4 weight-only unavailable: {str(e).splitlines()[0]}")
+            for bits in args.bits:
+                pair, ql = layers[(bits, n, k)]
+                us, tile, wbytes, pack_us, gemm_us = bench_abqc(pair, ql, x, args.tune)
+                add("abqc-bmma", bits, m, n, k, us, flop, wbytes,
+                    f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us", tile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(records, indent=1))
+    write_md(records, out / "kernels.md", bw)
+
+
+def write_md(records, path, bw):
+    fp16 = {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == "cublas-fp16"}
+    i8 = {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == "int8-int_mm"}
+    gpu = records[0]["gpu"] if records else "?"
+    lines = [f"# Kernel benchmark ({gpu})", "",
+             f"Generated by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}`. Median of CUDA-graph replays; "
+             f"weights rotate over copies larger than L2. Device-to-device copy: {bw / 1e12:.2f} TB/s (read + write). "
+             "abqc rows include activation quantization and packing; INT8/FP8 rows are the GEMM alone "
+             "(M padded where those kernels need it). bw = packed weight bytes per second / copy rate (M <= 8).", "",
+             "| impl | bits | M | N | K | µs | T(FL)OPS | × FP16 | × INT8 | bw | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        key = (r["M"], r["N"], r["K"])
+        bwf = "" if r["weight_bw_frac"] is None else f"{r['weight_bw_frac']:.2f}"
+        lines.append(f"| {r['impl']} | {r['bits']} | {r['M']} | {r['N']} | {r['K']} | {r['median_us']:.2f} | "
+                     f"{r['tflops_or_tops']:.1f} | {fp16[key] / r['median_us']:.2f} | {i8[key] / r['median_us']:.2f} | "
+                     f"{bwf} | {r['note']}{' tile ' + str(r['tile']) if r.get('tile') else ''} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

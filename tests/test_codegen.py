@@ -1,0 +1,81 @@
+"""Kernel generation without a GPU: every generated kernel compiles with NVRTC for sm_80 and sm_90a,
+uses binary tensor-core MMA (BMMA ... AND.POPC), never XOR.POPC, and keeps its accumulators in
+registers (no local-memory spills)."""
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from abqc.codegen import layout
+from abqc.codegen.config import KernelConfig, all_configs, token_tile_choices
+
+nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
+try:
+    nvrtc.compiler_version()
+    HAVE_NVRTC = True
+except Exception:  # AbqcError when cuda-bindings / NVRTC are missing
+    HAVE_NVRTC = False
+
+
+def _largest_tiles(arch):
+    """For each (P, Q): the most register-hungry bmma variant, plus every activation packer."""
+    out = [c for c in all_configs(arch) if c.family == "quant_pack"]
+    for p in range(1, 9):
+        for q in range(1, 9):
+            out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)), arch))
+    return out
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
+    configs = _largest_tiles(arch)
+
+    def check(cfg):
+        s = nvrtc.sass(nvrtc.compile_cubin(cfg, use_cache=False), tmp_path / cfg.name)
+        return cfg, s
+
+    (tmp_path).mkdir(exist_ok=True)
+    for cfg in configs:
+        (tmp_path / cfg.name).mkdir()
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(check, configs))
+    for cfg, s in results:
+        assert "XOR.POPC" not in s, cfg.name
+        assert not re.search(r"\b(LDL|STL)\b", s), f"{cfg.name} spills to local memory"
+        if cfg.family == "bmma":
+            n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
+            # at least one MMA per (weight plane, activation plane, token tile) in the unrolled step
+            assert n >= cfg.w_planes * cfg.a_bits * cfg.token_tiles, (cfg.name, n)
+            assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="token_tiles 4 not allowed"):
+        KernelConfig("bmma", 8, 8, 4)
+    with pytest.raises(ValueError, match="needs one of"):
+        KernelConfig("bmma", 8, 2, 1, "sm_75")
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        KernelConfig("gemm", 8, 2)
+    a, b = KernelConfig("bmma", 8, 2, 1), KernelConfig("bmma", 8, 2, 2)
+    assert a.key() != b.key() and a.key() == KernelConfig("bmma", 8, 2, 1).key()
+    assert "#define P 2" in a.source() and "mma.sync.aligned.m16n8k256" in a.source()
+
+
+@pytest.mark.parametrize("n,kw,gw", [(37, 3, 3), (16, 16, 16), (40, 18, 6), (5, 9, 9)])
+def test_tile_layout_matches_fragment_map(n, kw, gw):
+    gen = torch.Generator().manual_seed(n)
+    planes = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, n, kw), generator=gen, dtype=torch.int64).to(torch.int32)
+    t = layout.tile_weights(planes, gw)
+    sg = layout.steps_per_group(gw)
+    assert t.shape == (-(-n // 16), (kw // gw) * sg, 3, 32, 4)
+    for nt in range(t.shape[0]):
+        for s in range(t.shape[1]):
+            grp, base = s // sg, (s % sg) * 8
+            for lane in (0, 5, 31):
+                g, tt = lane // 4, lane % 4
+                for r, (row, slot) in enumerate([(g, tt), (g + 8, tt), (g, tt + 4), (g + 8, tt + 4)]):
+                    nn, within = nt * 16 + row, base + slot
+                    want = planes[1, nn, grp * gw + within] if nn < n and within < gw else 0
+                    assert t[nt, s, 1, lane, r].item() == int(want)
