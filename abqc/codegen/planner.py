@@ -16,7 +16,7 @@ from ..models import cache_dir
 from .config import token_tile_choices
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-WARPS_K = (2, 4, 8)
+WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 _LOCK = threading.Lock()
 _PLANS: dict | None = None
 
@@ -83,7 +83,10 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
         return {"family": "bmma", "tile": list(default_tile(m, p, q, n, kw // 8)), "us": None, "tuned": False}
     best = None
     for tile in candidates(p, q, m):
-        us = time_us(lambda: run(tile))
+        try:
+            us = time_us(lambda: run(tile))
+        except RuntimeError:      # a tile this shape cannot launch is simply not a candidate
+            continue
         if best is None or us < best[1]:
             best = (tile, us)
     plan = {"family": "bmma", "tile": list(best[0]), "us": round(best[1], 3), "tuned": True}

@@ -142,7 +142,7 @@ def default_tile(m: int, p: int, q: int, n: int, k_steps: int) -> tuple[int, int
     """(warps splitting K, token tiles) used when no tuned plan exists: decode shapes split K wide to
     keep enough loads in flight; prefill shapes reuse each weight fragment across more tokens."""
     tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
-    wk = 8 if k_steps >= 32 else 4 if k_steps >= 8 else 2
+    wk = 4 if k_steps >= 8 else 2
     return wk, tm
 
 

@@ -48,6 +48,14 @@ __device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
   }
 }
 
+// Asynchronous global -> shared copies (sm_80+): every copy of the staging loop is in flight at once.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+
 __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
   const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
 #pragma unroll
@@ -85,17 +93,31 @@ __device__ __forceinline__ void mma_step(const Args &a, const u32 *xs, int s, in
   }
 }
 
-// Steps s0, s0+stride, ... < s1 with the next step's weight fragments loaded before this step's MMAs.
-__device__ __forceinline__ void run_steps(const Args &a, const u32 *xs, int nt, int s0, int s1, int stride,
-                                          int m0, int lane, int (&acc)[TM][S_ACC][4]) {
-  if (s0 >= s1) return;
-  uint4 cur[P], nxt[P];
-  load_w(a, nt, s0, lane, cur);
-  for (int s = s0; s < s1; s += stride) {
-    if (s + stride < s1) load_w(a, nt, s + stride, lane, nxt);
-    mma_step(a, xs, s, m0, lane, cur, acc);
+// Weight fragments of PF steps are loaded together before their MMAs: enough bytes in flight to
+// stream weights at HBM speed with few warps (decode shapes give each warp only a handful of steps).
+#define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : (P == 2 ? 6 : 8)))))
+#define PF (PF_RAW / TM > 0 ? PF_RAW / TM : 1)
+
+__device__ __forceinline__ void load_batch(const Args &a, int nt, int s, int s1, int stride, int lane,
+                                           uint4 (&wb)[PF][P]) {
 #pragma unroll
-    for (int i = 0; i < P; ++i) cur[i] = nxt[i];
+  for (int b = 0; b < PF; ++b)
+    if (s + b * stride < s1) load_w(a, nt, s + b * stride, lane, wb[b]);
+}
+
+__device__ __forceinline__ void mma_batch(const Args &a, const u32 *xs, int s, int s1, int stride, int m0,
+                                          int lane, const uint4 (&wb)[PF][P], int (&acc)[TM][S_ACC][4]) {
+#pragma unroll
+  for (int b = 0; b < PF; ++b)
+    if (s + b * stride < s1) mma_step(a, xs, s + b * stride, m0, lane, wb[b], acc);
+}
+
+// Steps s0, s0+stride, ... < s1 whose first batch of weights `wb` is already loaded.
+__device__ __forceinline__ void run_steps(const Args &a, const u32 *xs, int nt, int s0, int s1, int stride,
+                                          int m0, int lane, uint4 (&wb)[PF][P], int (&acc)[TM][S_ACC][4]) {
+  for (int s = s0; s < s1; s += PF * stride) {
+    mma_batch(a, xs, s, s1, stride, m0, lane, wb, acc);
+    if (s + PF * stride < s1) load_batch(a, nt, s + PF * stride, s1, stride, lane, wb);
   }
 }
 
@@ -121,16 +143,28 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = blockIdx.x, m0 = blockIdx.y * (8 * TM), WK = blockDim.x >> 5;
   u32 *xs = (u32 *)(red + WK * 32 * TM * 4);
+  const int steps = a.G * a.SG;
+  uint4 wb[PF][P];
+  // per-channel: this warp's first weight batch goes out before the activation staging is waited on
+  if (a.G == 1) load_batch(a, nt, warp, steps, WK, lane, wb);
   if (a.stage_stride > 0) {
     const int rows = min(8 * TM, a.M - m0), kw = a.G * a.gw;
-    for (int idx = threadIdx.x; idx < Q * rows * kw; idx += blockDim.x) {
-      const int j = idx / (rows * kw), rem = idx - j * rows * kw, ml = rem / kw, w = rem - ml * kw;
-      xs[(j * rows + ml) * a.stage_stride + w] = __ldg(a.act + ((i64)j * a.M + m0 + ml) * kw + w);
+    if ((kw & 3) == 0) {   // rows are 16-byte aligned in global and shared memory (stride = 4 mod 32)
+      const int kv = kw >> 2;
+      for (int idx = threadIdx.x; idx < Q * rows * kv; idx += blockDim.x) {
+        const int r = idx / kv, v = idx - r * kv, j = r / rows, ml = r - j * rows;
+        cp_async16(xs + r * a.stage_stride + 4 * v, a.act + ((i64)j * a.M + m0 + ml) * kw + 4 * v);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < Q * rows * kw; idx += blockDim.x) {
+        const int r = idx / kw, w = idx - r * kw, j = r / rows, ml = r - j * rows;
+        cp_async4(xs + r * a.stage_stride + w, a.act + ((i64)j * a.M + m0 + ml) * kw + w);
+      }
     }
+    asm volatile("cp.async.wait_all;\n" ::);
     __syncthreads();
   }
   const int g = lane >> 2, t = lane & 3;
-  const int steps = a.G * a.SG;
   float part[TM][4];
 #pragma unroll
   for (int tm = 0; tm < TM; ++tm)
@@ -146,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
       for (int s = 0; s < S_ACC; ++s)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
-    run_steps(a, xs, nt, warp, steps, WK, m0, lane, acc);
+    run_steps(a, xs, nt, warp, steps, WK, m0, lane, wb, acc);
 #pragma unroll
     for (int tm = 0; tm < TM; ++tm)
 #pragma unroll
@@ -160,7 +194,8 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
         for (int s = 0; s < S_ACC; ++s)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
-      run_steps(a, xs, nt, grp * a.SG, (grp + 1) * a.SG, 1, m0, lane, acc);
+      load_batch(a, nt, grp * a.SG, (grp + 1) * a.SG, 1, lane, wb);
+      run_steps(a, xs, nt, grp * a.SG, (grp + 1) * a.SG, 1, m0, lane, wb, acc);
 #pragma unroll
       for (int tm = 0; tm < TM; ++tm)
 #pragma unroll

@@ -32,10 +32,19 @@ extern "C" __global__ void __launch_bounds__(1024) KERNEL_NAME(const QArgs a) {
   const i64 base = (i64)m * a.K;
   for (int gi = threadIdx.x; gi < a.G; gi += blockDim.x) gsum[gi] = 0;
   float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
-  for (int k = threadIdx.x; k < a.K; k += blockDim.x) {
-    const float v = load_x(a, base + k);
-    xs[k] = v;
-    lo = fminf(lo, v); hi = fmaxf(hi, v);
+  // 8 independent loads in flight per thread before any is used
+  for (int k0 = threadIdx.x; k0 < a.K; k0 += 8 * blockDim.x) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int k = k0 + u * blockDim.x;
+      v[u] = k < a.K ? load_x(a, base + k) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int k = k0 + u * blockDim.x;
+      if (k < a.K) { xs[k] = v[u]; lo = fminf(lo, v[u]); hi = fmaxf(hi, v[u]); }
+    }
   }
   for (int o = 16; o; o >>= 1) {
     lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
@@ -57,7 +66,16 @@ extern "C" __global__ void __launch_bounds__(1024) KERNEL_NAME(const QArgs a) {
     zero = fminf(fmaxf(rintf(-mn / scale), 0.f), (float)qmax);
   }
   if (threadIdx.x == 0) { a.scale[m] = scale; a.zero[m] = (int)zero; }
-  for (int w = warp; w < a.KW; w += nwarps) {
+  // each warp packs a contiguous run of words and keeps its code sum in registers until the group
+  // changes: one shared atomic per (warp, group) instead of one per word
+  const int per = (a.KW + nwarps - 1) / nwarps, w_begin = warp * per, w_end = min(a.KW, w_begin + per);
+  int lsum = 0, cur_group = w_begin / a.gw;
+  for (int w = w_begin; w < w_end; ++w) {
+    if (w / a.gw != cur_group) {
+      for (int o = 16; o; o >>= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
+      if (lane == 0) atomicAdd(&gsum[cur_group], lsum);
+      lsum = 0; cur_group = w / a.gw;
+    }
     const int k = w * 32 + lane;
     int u = 0;
     if (k < a.K) u = (int)fminf(fmaxf(rintf(xs[k] / scale) + zero, 0.f), (float)qmax);
@@ -68,9 +86,11 @@ extern "C" __global__ void __launch_bounds__(1024) KERNEL_NAME(const QArgs a) {
       if (lane == j) mine = bits;
     }
     if (lane < Q) a.planes[((i64)lane * a.M + m) * a.KW + w] = mine;
-    int sum = u;
-    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) atomicAdd(&gsum[w / a.gw], sum);
+    lsum += u;
+  }
+  if (w_begin < w_end) {
+    for (int o = 16; o; o >>= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
+    if (lane == 0) atomicAdd(&gsum[cur_group], lsum);
   }
   __syncthreads();
   for (int gi = threadIdx.x; gi < a.G; gi += blockDim.x) a.sums[(i64)m * a.G + gi] = gsum[gi];
