@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from abqc.codegen import layout
-from abqc.codegen.config import KernelConfig, all_configs, token_tile_choices
+from abqc.codegen.config import KernelConfig, all_configs, gemv_max_tokens, token_tile_choices
 
 nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
 try:
@@ -18,12 +18,17 @@ except Exception:  # AbqcError when cuda-bindings / NVRTC are missing
     HAVE_NVRTC = False
 
 
+SAMPLE = [(1, 1), (2, 8), (3, 8), (4, 4), (6, 6), (8, 8)]
+
+
 def _largest_tiles(arch):
-    """For each (P, Q): the most register-hungry bmma variant, plus every activation packer."""
+    """Every activation packer and, for each (P, Q) (sm_90a) or a fixed sample of them (sm_80, to keep
+    CI short: the source is the same), the most register-hungry build of each family."""
     out = [c for c in all_configs(arch) if c.family == "quant_pack"]
-    for p in range(1, 9):
-        for q in range(1, 9):
-            out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)), arch))
+    pairs = [(p, q) for p in range(1, 9) for q in range(1, 9)] if arch == "sm_90a" else SAMPLE
+    for p, q in pairs:
+        out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)), arch))
+        out.append(KernelConfig("gemv", q, p, max(gemv_max_tokens(p, q)), arch))
     return out
 
 
@@ -44,16 +49,20 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
     for cfg, s in results:
         assert "XOR.POPC" not in s, cfg.name
         assert not re.search(r"\b(LDL|STL)\b", s), f"{cfg.name} spills to local memory"
-        if cfg.family == "bmma":
+        if cfg.family != "quant_pack":
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
-            # at least one MMA per (weight plane, activation plane, token tile) in the unrolled step
-            assert n >= cfg.w_planes * cfg.a_bits * cfg.token_tiles, (cfg.name, n)
+            # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)
+            need = (cfg.w_planes * cfg.a_bits * cfg.token_tiles if cfg.family == "bmma"
+                    else cfg.w_planes * -(-cfg.token_tiles * cfg.a_bits // 8))
+            assert n >= need, (cfg.name, n)
             assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="token_tiles 4 not allowed"):
         KernelConfig("bmma", 8, 8, 4)
+    with pytest.raises(ValueError, match="gemv for P=8, Q=8 is built for at most"):
+        KernelConfig("gemv", 8, 8, 4)
     with pytest.raises(ValueError, match="needs one of"):
         KernelConfig("bmma", 8, 2, 1, "sm_75")
     with pytest.raises(ValueError, match="unknown kernel family"):

@@ -9,7 +9,7 @@ import torch
 from abqc import quant
 from abqc.bits import parse_pair
 from abqc.codegen import layout
-from abqc.codegen.config import token_tile_choices
+from abqc.codegen.config import gemv_max_tokens, token_tile_choices
 
 cuda = pytest.importorskip("abqc.runtime.cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")]
@@ -48,9 +48,12 @@ def test_bitplane_mm_exact_all_pairs(p, q):
         a, w = quant.pack_bitplanes(ua, q, pad_to=pad), quant.pack_bitplanes(uw, p, pad_to=pad)
         expect = _ref_acc(ua, uw, pad)
         wt = layout.tile_weights(w.cuda(), group_words)
-        for wk, tm in itertools.product((2, 4, 8), token_tile_choices(p, q)):
-            got = cuda.bmma(wt, a.cuda(), n, k, group_words, 0, tile=(wk, tm)).cpu()
-            assert torch.equal(got.to(torch.int64), expect), (m, n, k, gw, wk, tm)
+        tiles = [("bmma", wk, tm) for wk, tm in itertools.product((2, 4, 8), token_tile_choices(p, q))]
+        if gw is None:     # the GEMV family: per-channel, every build that serves m tokens
+            tiles += [("gemv", wk, mt) for wk in (2, 4, 8) for mt in gemv_max_tokens(p, q) if m <= mt]
+        for tile in tiles:
+            got = cuda.bmma(wt, a.cuda(), n, k, group_words, 0, tile=tile).cpu()
+            assert torch.equal(got.to(torch.int64), expect), (m, n, k, gw, tile)
     # the registered op dispatches to the GPU kernel
     got = torch.ops.abqc.bitplane_mm(a.cuda(), w.cuda(), group_words).cpu()
     assert torch.equal(got.to(torch.int64), expect)
@@ -65,13 +68,16 @@ def test_quant_pack_matches_cpu(q, dtype, symmetric):
     torch.manual_seed(q)
     x = (torch.randn(7, 333) * torch.linspace(0.1, 4, 7)[:, None]).to(dtype)
     x[3] = x[3].abs()    # an all-positive token
-    for gw in (11, 4):
+    for gw in (11, 4, 1):
         groups = -(-333 // (gw * 32))
         planes, sums, scale, zero = cuda.quant_pack(x.cuda(), q, gw, groups, 333, symmetric)
-        gs = 333 if gw == 11 else gw * 32
+        gs = 333 if gw == 11 else gw * 32      # gw 11: one group (per-channel); else groups of gw words
         ref_planes, ref_sums, ref_s, ref_z = ops.pack_activation(x.float(), q, gs, 333, symmetric)
         assert torch.equal(scale.cpu(), ref_s.view(-1)) and torch.equal(zero.cpu(), ref_z.view(-1).int())
-        assert torch.equal(planes.cpu(), ref_planes) and torch.equal(sums.cpu().long(), ref_sums)
+        got_sums = sums.cpu().long()
+        if groups == 1:          # per-channel: one partial sum per packer chunk
+            got_sums = got_sums.sum(1, keepdim=True)
+        assert torch.equal(planes.cpu(), ref_planes) and torch.equal(got_sums, ref_sums)
 
 
 @pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32"])

@@ -2,8 +2,8 @@
 token tiles per warp) by timing every candidate on first use; plans are cached in
 ABQC_CACHE/plans.json. With tuning off, `abqc.runtime.cuda.default_tile` is used (documented there).
 
-Only one kernel family (the fused m16n8k256 b1 kernel) exists so far; the plan records the family so
-that Hopper wgmma and INT8-unpack families can compete here when they land.
+Families now: "bmma" (GEMM, tokens in the MMA N dimension) and "gemv" (per-channel decode, activation
+planes in the MMA N dimension). Hopper wgmma and INT8-unpack families are to compete here when they land.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 import torch
 
 from ..models import cache_dir
-from .config import token_tile_choices
+from .config import gemv_max_tokens, token_tile_choices
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
@@ -44,9 +44,14 @@ def plan_key(n, kw, group_words, p, q, m, arch) -> str:
     return f"{arch}|n{n}|kw{kw}|gw{group_words}|w{p}a{q}|m{m_bucket(m)}"
 
 
-def candidates(p: int, q: int, m: int) -> list[tuple[int, int]]:
+def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple[str, int, int]]:
+    """(family, warps splitting K, token tiles) worth timing for this shape."""
     tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
-    return [(wk, tm) for wk in WARPS_K for tm in tms]
+    out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
+    mt = next((t for t in gemv_max_tokens(p, q) if m <= t), None)
+    if groups == 1 and mt:
+        out += [("gemv", wk, mt) for wk in WARPS_K]
+    return out
 
 
 def time_us(fn, iters: int = 20, reps: int = 5) -> float:
@@ -73,23 +78,25 @@ def time_us(fn, iters: int = 20, reps: int = 5) -> float:
 
 
 def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
-    """run(tile) launches the kernel with tile=(wk, tm). Returns {"family", "tile", "us" or None, "tuned"}."""
+    """run(tile) launches the kernel with tile=(family, wk, tm). Returns {"family", "tile", "us" or None, "tuned"}."""
     from ..runtime.cuda import default_tile
     key = plan_key(n, kw, group_words, p, q, m, arch)
     plans = _load()
     if key in plans:
         return plans[key]
+    groups = kw // group_words
     if not tune:
-        return {"family": "bmma", "tile": list(default_tile(m, p, q, n, kw // 8)), "us": None, "tuned": False}
+        tile = default_tile(m, p, q, n, groups * -(-group_words // 8), groups)
+        return {"family": tile[0], "tile": list(tile), "us": None, "tuned": False}
     best = None
-    for tile in candidates(p, q, m):
+    for tile in candidates(p, q, m, groups):
         try:
             us = time_us(lambda: run(tile))
-        except RuntimeError:      # a tile this shape cannot launch is simply not a candidate
+        except (RuntimeError, ValueError):   # a tile this shape cannot launch is simply not a candidate
             continue
         if best is None or us < best[1]:
             best = (tile, us)
-    plan = {"family": "bmma", "tile": list(best[0]), "us": round(best[1], 3), "tuned": True}
+    plan = {"family": best[0][0], "tile": list(best[0]), "us": round(best[1], 3), "tuned": True}
     with _LOCK:
         plans[key] = plan
         try:

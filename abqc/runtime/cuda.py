@@ -12,7 +12,7 @@ import threading
 import torch
 
 from ..codegen import layout
-from ..codegen.config import KernelConfig, token_tile_choices
+from ..codegen.config import KernelConfig, gemv_max_tokens, token_tile_choices
 from ..errors import AbqcError
 
 _LOCK = threading.Lock()
@@ -27,7 +27,7 @@ class _Args(ctypes.Structure):
                 ("w_scale", ctypes.c_void_p), ("w_zero", ctypes.c_void_p), ("w_sum", ctypes.c_void_p),
                 ("a_scale", ctypes.c_void_p), ("a_zero", ctypes.c_void_p), ("a_sum", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int),
-                ("stage_stride", ctypes.c_int)]
+                ("stage_stride", ctypes.c_int), ("a_parts", ctypes.c_int)]
 
 
 class _QArgs(ctypes.Structure):
@@ -35,7 +35,7 @@ class _QArgs(ctypes.Structure):
                 ("M", ctypes.c_int), ("K", ctypes.c_int), ("KW", ctypes.c_int), ("gw", ctypes.c_int),
                 ("G", ctypes.c_int), ("symmetric", ctypes.c_int),
                 ("planes", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("zero", ctypes.c_void_p)]
+                ("zero", ctypes.c_void_p), ("chunk_words", ctypes.c_int), ("nchunks", ctypes.c_int)]
 
 
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -111,44 +111,59 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def pack_chunks(group_words: int, groups: int) -> tuple[int, int]:
+    """(words per packer block, blocks per token): per-channel rows split into 16-word chunks;
+    grouped rows into chunks of whole groups, so every group's code sum stays inside one block."""
+    kw = group_words * groups
+    cw = 16 if groups == 1 else group_words * max(1, 16 // group_words)
+    return cw, -(-kw // cw)
+
+
 def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_features: int, symmetric: bool):
-    """x [M, K] (f32/f16/bf16, CUDA) -> planes int32 [Q, M, G*gw], sums int32 [M, G], scale f32 [M], zero int32 [M]."""
+    """x [M, K] (f32/f16/bf16, CUDA) -> planes int32 [Q, M, G*gw], code sums int32, scale f32 [M], zero int32 [M].
+
+    Sums are [M, G] for grouped layouts and [M, chunks] partials (add them up) when G == 1."""
     x = x.contiguous()
     if x.dtype not in _DTYPE_CODE:
         raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
     m = x.shape[0]
     kw = groups * group_words
+    cw, nchunks = pack_chunks(group_words, groups)
     dev = x.device
     planes = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
-    sums = torch.empty(m, groups, dtype=torch.int32, device=dev)
+    sums = torch.empty(m, nchunks if groups == 1 else groups, dtype=torch.int32, device=dev)
     scale = torch.empty(m, dtype=torch.float32, device=dev)
     zero = torch.empty(m, dtype=torch.int32, device=dev)
     if m == 0:
         return planes, sums, scale, zero
-    smem = 4 * (in_features + groups)
-    if smem > MAX_SMEM:
-        raise AbqcError(f"in_features {in_features} too large for the activation packer (row of {smem} bytes "
-                        f"exceeds {MAX_SMEM} bytes of shared memory)")
     cfg = KernelConfig("quant_pack", a_bits, arch=arch_of(dev))
     _, fn = function(cfg, dev)
     args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
-                  planes.data_ptr(), sums.data_ptr(), scale.data_ptr(), zero.data_ptr())
-    threads = 1024 if m <= 64 else 256   # few tokens: many warps per token; many tokens: many blocks
-    _launch(fn, (m, 1), threads, smem, args, dev)
+                  planes.data_ptr(), sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks)
+    _launch(fn, (m, nchunks), 256, 0, args, dev)
     return planes, sums, scale, zero
 
 
-def default_tile(m: int, p: int, q: int, n: int, k_steps: int) -> tuple[int, int]:
-    """(warps splitting K, token tiles) used when no tuned plan exists: decode shapes split K wide to
-    keep enough loads in flight; prefill shapes reuse each weight fragment across more tokens."""
-    tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
+def gemv_tokens(m: int, p: int, q: int) -> int | None:
+    """The GEMV build (max tokens) serving m tokens, or None if that family cannot."""
+    return next((mt for mt in gemv_max_tokens(p, q) if m <= mt), None)
+
+
+def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple[str, int, int]:
+    """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
+    (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
+    planes; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
     wk = 4 if k_steps >= 8 else 2
-    return wk, tm
+    if groups == 1 and gemv_tokens(m, p, q):
+        return "gemv", wk, gemv_tokens(m, p, q)
+    tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
+    return "bmma", wk, tm
 
 
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
-         mode: int, epi: dict | None = None, tile: tuple[int, int] | None = None, out_dtype=torch.float16):
-    """Launch the fused bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype."""
+         mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
+    """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
+    tile = (family, warps splitting K, token tiles): "bmma" GEMM or "gemv" (per-channel, few tokens)."""
     q, m, kw = a_planes.shape
     nt, steps, p = w_tiled.shape[:3]
     groups = kw // group_words
@@ -156,24 +171,32 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     if steps != groups * sg or nt * 16 < n:
         raise ValueError("tiled weights do not match the activation planes' K layout")
     dev = a_planes.device
-    wk, tm = tile or default_tile(m, p, q, n, steps)
-    if mode == 0:
-        out = torch.empty(m, n, groups, dtype=torch.int32, device=dev)
-    else:
-        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    family, wk, tm = tile or default_tile(m, p, q, n, steps, groups)
+    out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
+           else torch.empty(m, n, dtype=out_dtype, device=dev))
     if m == 0 or n == 0:
         return out
     epi = epi or {}
-    cfg = KernelConfig("bmma", q, p, tm, arch_of(dev))
-    _, fn = function(cfg, dev)
+    a_sum = epi.get("a_sum")
     args = _Args(w_tiled.data_ptr(), a_planes.data_ptr(), m, n, in_features, groups, group_words, sg,
                  _ptr(epi.get("w_scale")), _ptr(epi.get("w_zero")), _ptr(epi.get("w_sum")),
-                 _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(epi.get("a_sum")),
-                 _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype])
-    red = wk * 32 * tm * 4 * 4
-    rows = min(8 * tm, m)
+                 _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(a_sum),
+                 _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype], 0,
+                 a_sum.shape[1] if a_sum is not None and groups == 1 else 1)
     stride = kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
-    stage = q * rows * stride * 4
+    if family == "gemv":
+        if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
+            raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
+        smem = m * q * stride * 4 + wk * 16 * (-(-tm * q // 8) * 8) * 4
+        if smem > MAX_SMEM:
+            raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
+        args.stage_stride = stride
+        _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev)), dev)
+        _launch(fn, (nt, 1), wk * 32, smem, args, dev)
+        return out
+    _, fn = function(KernelConfig("bmma", q, p, tm, arch_of(dev)), dev)
+    red = wk * 32 * tm * 4 * 4
+    stage = q * min(8 * tm, m) * stride * 4
     if red + stage <= min(STAGE_LIMIT, MAX_SMEM):
         args.stage_stride = stride
     else:

@@ -1,4 +1,4 @@
-// abqc bit-plane kernels. The generator prepends the config:
+// abqc bit-plane GEMM (family "bmma"). The generator prepends the config and common.cuh:
 //   P  weight bit-planes, Q activation bit-planes, TM token tiles (of 8) per warp.
 // The block's warps (blockDim.x / 32, a launch parameter) split K.
 // Binary products use mma.sync m16n8k256 .b1 AND+popc only (XOR and INT4 MMA are emulated on sm_90).
@@ -8,59 +8,7 @@
 // contiguous bytes per plane and step. Activation planes keep the canonical layout [Q][M][KW].
 // The product of planes i (weights) and j (activations) is accumulated into acc[i+j]: MMAs chain
 // on the accumulator, and 2^(i+j) is applied once per K group when the planes are combined.
-typedef unsigned int u32;
-typedef long long i64;
-
 #define S_ACC (P + Q - 1)
-#define FULL 0xffffffffu
-
-__device__ __forceinline__ void bmma_and(int (&d)[4], const uint4 &a, u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-
-struct Args {
-  const uint4 *wt;      // tiled weight planes [NT][S][P][32] uint4
-  const u32 *act;       // activation planes [Q][M][KW]
-  int M, N, K, G, gw, SG;   // gw words per group, SG 256-bit steps per group
-  const float *w_scale; const int *w_zero; const int *w_sum;      // [N][G]
-  const float *a_scale; const int *a_zero; const int *a_sum;      // [M], [M], [M][G]
-  const float *bias;    // [N] or null
-  void *out;            // int32 [M][N][G] (mode 0) or y [M][N] (mode 1 f32, 2 f16, 3 bf16)
-  int mode;
-  int stage_stride;     // > 0: the block copies its activation rows to shared memory with this row stride
-};
-
-__device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
-  if (mode == 1) {
-    ((float *)out)[idx] = v;
-  } else if (mode == 2) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    ((unsigned short *)out)[idx] = h;
-  } else {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    ((unsigned short *)out)[idx] = h;
-  }
-}
-
-// Asynchronous global -> shared copies (sm_80+): every copy of the staging loop is in flight at once.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
-}
-
-__device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
-  const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
-#pragma unroll
-  for (int i = 0; i < P; ++i) wf[i] = __ldg(src + i * 32);
-}
 
 // One K step (256 bits): all P x Q plane products for TM token tiles. Activation words come from
 // shared memory when the block staged them (rows = tokens m0.., stride a.stage_stride), else global.
@@ -105,18 +53,13 @@ __device__ __forceinline__ void load_batch(const Args &a, int nt, int s, int s1,
     if (s + b * stride < s1) load_w(a, nt, s + b * stride, lane, wb[b]);
 }
 
-__device__ __forceinline__ void mma_batch(const Args &a, const u32 *xs, int s, int s1, int stride, int m0,
-                                          int lane, const uint4 (&wb)[PF][P], int (&acc)[TM][S_ACC][4]) {
-#pragma unroll
-  for (int b = 0; b < PF; ++b)
-    if (s + b * stride < s1) mma_step(a, xs, s + b * stride, m0, lane, wb[b], acc);
-}
-
 // Steps s0, s0+stride, ... < s1 whose first batch of weights `wb` is already loaded.
 __device__ __forceinline__ void run_steps(const Args &a, const u32 *xs, int nt, int s0, int s1, int stride,
                                           int m0, int lane, uint4 (&wb)[PF][P], int (&acc)[TM][S_ACC][4]) {
   for (int s = s0; s < s1; s += PF * stride) {
-    mma_batch(a, xs, s, s1, stride, m0, lane, wb, acc);
+#pragma unroll
+    for (int b = 0; b < PF; ++b)
+      if (s + b * stride < s1) mma_step(a, xs, s + b * stride, m0, lane, wb[b], acc);
     if (s + PF * stride < s1) load_batch(a, nt, s + PF * stride, s1, stride, lane, wb);
   }
 }
@@ -126,15 +69,6 @@ __device__ __forceinline__ int combine(const int (&accs)[S_ACC][4], int r) {
 #pragma unroll
   for (int s = 0; s < S_ACC; ++s) c += accs[s][r] << s;
   return c;
-}
-
-// Exact zero-point correction of one group for accumulator position r, scaled by the weight scale.
-__device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {
-  const int gs = a.gw * 32;
-  const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1);
-  const i64 zw = a.w_zero[(i64)n * a.G + grp], za = a.a_zero[m];
-  const i64 tv = (i64)c - zw * a.a_sum[(i64)m * a.G + grp] - za * a.w_sum[(i64)n * a.G + grp] + kg * za * zw;
-  return a.w_scale[(i64)n * a.G + grp] * (float)tv;
 }
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
@@ -149,18 +83,8 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
   if (a.G == 1) load_batch(a, nt, warp, steps, WK, lane, wb);
   if (a.stage_stride > 0) {
     const int rows = min(8 * TM, a.M - m0), kw = a.G * a.gw;
-    if ((kw & 3) == 0) {   // rows are 16-byte aligned in global and shared memory (stride = 4 mod 32)
-      const int kv = kw >> 2;
-      for (int idx = threadIdx.x; idx < Q * rows * kv; idx += blockDim.x) {
-        const int r = idx / kv, v = idx - r * kv, j = r / rows, ml = r - j * rows;
-        cp_async16(xs + r * a.stage_stride + 4 * v, a.act + ((i64)j * a.M + m0 + ml) * kw + 4 * v);
-      }
-    } else {
-      for (int idx = threadIdx.x; idx < Q * rows * kw; idx += blockDim.x) {
-        const int r = idx / kw, w = idx - r * kw, j = r / rows, ml = r - j * rows;
-        cp_async4(xs + r * a.stage_stride + w, a.act + ((i64)j * a.M + m0 + ml) * kw + w);
-      }
-    }
+    stage_rows(xs, a.act, Q * rows, kw, a.stage_stride,
+               [&](int r) { return ((i64)(r / rows) * a.M + m0 + r % rows) * kw; });
     asm volatile("cp.async.wait_all;\n" ::);
     __syncthreads();
   }
