@@ -128,6 +128,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true", help="autotune abqc tiles per shape (planner) before timing")
     ap.add_argument("--quick", action="store_true", help="M in {1, 8, 128, 2048} only")
+    ap.add_argument("--tune-max-m", type=int, default=1 << 30,
+                    help="with --tune, tune only shapes with M up to this (larger M use the planner default)")
     ap.add_argument("--bits", nargs="+", default=BITS)
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
@@ -173,7 +175,7 @@ def main(argv=None):
                 print(f"int4 weight-only unavailable: {str(e).splitlines()[0]}")
             for bits in args.bits:
                 pair, ql = layers[(bits, n, k)]
-                us, tile, wbytes, pack_us, gemm_us = bench_abqc(pair, ql, x, args.tune)
+                us, tile, wbytes, pack_us, gemm_us = bench_abqc(pair, ql, x, args.tune and m <= args.tune_max_m)
                 add("abqc-bmma", bits, m, n, k, us, flop, wbytes,
                     f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us", tile)
     out = Path(args.out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from abqc.codegen import layout
-from abqc.codegen.config import KernelConfig, all_configs, gemv_max_tokens, token_tile_choices
+from abqc.codegen.config import KernelConfig, all_configs, gemv_channel_tiles, gemv_max_tokens, token_tile_choices
 
 nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
 try:
@@ -28,7 +28,8 @@ def _largest_tiles(arch):
     pairs = [(p, q) for p in range(1, 9) for q in range(1, 9)] if arch == "sm_90a" else SAMPLE
     for p, q in pairs:
         out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)), arch))
-        out.append(KernelConfig("gemv", q, p, max(gemv_max_tokens(p, q)), arch))
+        mt = max(gemv_max_tokens(p, q))
+        out.append(KernelConfig("gemv", q, p, mt, arch, max(gemv_channel_tiles(p, q, mt))))
     return out
 
 
@@ -53,7 +54,7 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
             # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)
             need = (cfg.w_planes * cfg.a_bits * cfg.token_tiles if cfg.family == "bmma"
-                    else cfg.w_planes * -(-cfg.token_tiles * cfg.a_bits // 8))
+                    else cfg.w_planes * cfg.n_tiles * -(-cfg.token_tiles * cfg.a_bits // 8))
             assert n >= need, (cfg.name, n)
             assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
 

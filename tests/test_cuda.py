@@ -9,7 +9,7 @@ import torch
 from abqc import quant
 from abqc.bits import parse_pair
 from abqc.codegen import layout
-from abqc.codegen.config import gemv_max_tokens, token_tile_choices
+from abqc.codegen.config import gemv_channel_tiles, gemv_max_tokens, token_tile_choices
 
 cuda = pytest.importorskip("abqc.runtime.cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")]
@@ -50,7 +50,8 @@ def test_bitplane_mm_exact_all_pairs(p, q):
         wt = layout.tile_weights(w.cuda(), group_words)
         tiles = [("bmma", wk, tm) for wk, tm in itertools.product((2, 4, 8), token_tile_choices(p, q))]
         if gw is None:     # the GEMV family: per-channel, every build that serves m tokens
-            tiles += [("gemv", wk, mt) for wk in (2, 4, 8) for mt in gemv_max_tokens(p, q) if m <= mt]
+            tiles += [("gemv", wk, mt, u) for wk in (2, 4, 8) for mt in gemv_max_tokens(p, q) if m <= mt
+                      for u in gemv_channel_tiles(p, q, mt)]
         for tile in tiles:
             got = cuda.bmma(wt, a.cuda(), n, k, group_words, 0, tile=tile).cpu()
             assert torch.equal(got.to(torch.int64), expect), (m, n, k, gw, tile)

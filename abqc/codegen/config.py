@@ -4,6 +4,7 @@ compiled binary in the cache."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -14,6 +15,12 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 def gemv_max_tokens(p: int, q: int) -> tuple[int, ...]:
     """Token counts the GEMV family is built for: P * ceil(MT*Q/8) accumulator tiles stay <= 16."""
     return tuple(mt for mt in (1, 2, 4, 8) if p * -(-mt * q // 8) <= 16)
+
+
+def gemv_channel_tiles(p: int, q: int, mt: int) -> tuple[int, ...]:
+    """16-channel tiles per warp (NTW) for a GEMV build: NTW * P * ceil(MT*Q/8) accumulator tiles <= 16."""
+    cap = int(os.environ.get("ABQC_GEMV_MAX_NTW", "4"))   # debugging knob: restrict the builds used
+    return tuple(u for u in (1, 2, 4) if u <= cap and u * p * -(-mt * q // 8) <= 16)
 
 
 def token_tile_choices(p: int, q: int) -> tuple[int, ...]:
@@ -34,6 +41,7 @@ class KernelConfig:
     w_planes: int = 0
     token_tiles: int = 1
     arch: str = "sm_90a"
+    n_tiles: int = 1       # gemv: 16-channel tiles per warp
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -46,6 +54,12 @@ class KernelConfig:
         if self.family == "gemv" and self.token_tiles not in gemv_max_tokens(self.w_planes, self.a_bits):
             raise ValueError(f"gemv for P={self.w_planes}, Q={self.a_bits} is built for at most "
                              f"{gemv_max_tokens(self.w_planes, self.a_bits)} tokens, not {self.token_tiles}")
+        if self.family == "gemv" and self.n_tiles not in gemv_channel_tiles(self.w_planes, self.a_bits,
+                                                                             self.token_tiles):
+            raise ValueError(f"n_tiles {self.n_tiles} does not fit gemv P={self.w_planes} Q={self.a_bits} "
+                             f"MT={self.token_tiles} in registers")
+        if self.family != "gemv" and self.n_tiles != 1:
+            raise ValueError("n_tiles applies to the gemv family only")
         if self.family == "bmma":
             if self.token_tiles not in token_tile_choices(self.w_planes, self.a_bits):
                 raise ValueError(f"token_tiles {self.token_tiles} not allowed for P={self.w_planes}, Q={self.a_bits}: "
@@ -58,7 +72,7 @@ class KernelConfig:
         if self.family == "quant_pack":
             return f"abqc_quant_pack_q{self.a_bits}"
         if self.family == "gemv":
-            return f"abqc_gemv_p{self.w_planes}_q{self.a_bits}_m{self.token_tiles}"
+            return f"abqc_gemv_p{self.w_planes}_q{self.a_bits}_m{self.token_tiles}_n{self.n_tiles}"
         return f"abqc_bmma_p{self.w_planes}_q{self.a_bits}_tm{self.token_tiles}"
 
     def source(self) -> str:
@@ -68,7 +82,7 @@ class KernelConfig:
         if self.family == "bmma":
             defines += [f"#define P {self.w_planes}", f"#define TM {self.token_tiles}"]
         if self.family == "gemv":
-            defines += [f"#define P {self.w_planes}", f"#define MT {self.token_tiles}"]
+            defines += [f"#define P {self.w_planes}", f"#define MT {self.token_tiles}", f"#define NTW {self.n_tiles}"]
         if self.family != "quant_pack":
             parts.append(templates.joinpath("common.cuh").read_text())
         parts.append(templates.joinpath(f"{self.family}.cu").read_text())
@@ -86,5 +100,6 @@ def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
     for p in range(1, 9):
         for q in range(1, 9):
             out += [KernelConfig("bmma", q, p, tm, arch) for tm in token_tile_choices(p, q)]
-            out += [KernelConfig("gemv", q, p, mt, arch) for mt in gemv_max_tokens(p, q)]
+            out += [KernelConfig("gemv", q, p, mt, arch, u) for mt in gemv_max_tokens(p, q)
+                    for u in gemv_channel_tiles(p, q, mt)]
     return out

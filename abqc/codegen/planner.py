@@ -13,7 +13,7 @@ import threading
 import torch
 
 from ..models import cache_dir
-from .config import gemv_max_tokens, token_tile_choices
+from .config import gemv_channel_tiles, gemv_max_tokens, token_tile_choices
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
@@ -44,13 +44,13 @@ def plan_key(n, kw, group_words, p, q, m, arch) -> str:
     return f"{arch}|n{n}|kw{kw}|gw{group_words}|w{p}a{q}|m{m_bucket(m)}"
 
 
-def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple[str, int, int]]:
+def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
     """(family, warps splitting K, token tiles) worth timing for this shape."""
     tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
     out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
     mt = next((t for t in gemv_max_tokens(p, q) if m <= t), None)
     if groups == 1 and mt:
-        out += [("gemv", wk, mt) for wk in WARPS_K]
+        out += [("gemv", wk, mt, u) for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     return out
 
 

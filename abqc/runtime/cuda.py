@@ -12,7 +12,7 @@ import threading
 import torch
 
 from ..codegen import layout
-from ..codegen.config import KernelConfig, gemv_max_tokens, token_tile_choices
+from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, token_tile_choices
 from ..errors import AbqcError
 
 _LOCK = threading.Lock()
@@ -149,13 +149,14 @@ def gemv_tokens(m: int, p: int, q: int) -> int | None:
     return next((mt for mt in gemv_max_tokens(p, q) if m <= mt), None)
 
 
-def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple[str, int, int]:
+def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
     """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
     (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
     planes; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
     wk = 4 if k_steps >= 8 else 2
     if groups == 1 and gemv_tokens(m, p, q):
-        return "gemv", wk, gemv_tokens(m, p, q)
+        mt = gemv_tokens(m, p, q)
+        return "gemv", 8 if k_steps >= 8 else wk, mt, max(gemv_channel_tiles(p, q, mt))
     tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
     return "bmma", wk, tm
 
@@ -163,7 +164,8 @@ def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) 
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
-    tile = (family, warps splitting K, token tiles): "bmma" GEMM or "gemv" (per-channel, few tokens)."""
+    tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM or
+    "gemv" (per-channel, few tokens)."""
     q, m, kw = a_planes.shape
     nt, steps, p = w_tiled.shape[:3]
     groups = kw // group_words
@@ -171,7 +173,8 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     if steps != groups * sg or nt * 16 < n:
         raise ValueError("tiled weights do not match the activation planes' K layout")
     dev = a_planes.device
-    family, wk, tm = tile or default_tile(m, p, q, n, steps, groups)
+    family, wk, tm, *rest = tile or default_tile(m, p, q, n, steps, groups)
+    ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
            else torch.empty(m, n, dtype=out_dtype, device=dev))
     if m == 0 or n == 0:
@@ -187,12 +190,12 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     if family == "gemv":
         if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
             raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
-        smem = m * q * stride * 4 + wk * 16 * (-(-tm * q // 8) * 8) * 4
+        smem = m * q * stride * 4 + wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
         if smem > MAX_SMEM:
             raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
         args.stage_stride = stride
-        _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev)), dev)
-        _launch(fn, (nt, 1), wk * 32, smem, args, dev)
+        _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev), ntw), dev)
+        _launch(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
         return out
     _, fn = function(KernelConfig("bmma", q, p, tm, arch_of(dev)), dev)
     red = wk * 32 * tm * 4 * 4
