@@ -21,3 +21,14 @@ def tiny_llama():
 @pytest.fixture
 def tiny_qwen2():
     return tiny_model("qwen2")
+
+
+def int64_group_matmul(ua: torch.Tensor, uw: torch.Tensor, group_len: int) -> torch.Tensor:
+    """Reference accumulator: sum_k ua[m, k] * uw[n, k] per K group of group_len, in int64 -> [M, N, G]."""
+    m, k = ua.shape
+    groups = -(-k // group_len)
+    out = torch.zeros(m, uw.shape[0], groups, dtype=torch.int64)
+    for g in range(groups):
+        sl = slice(g * group_len, (g + 1) * group_len)
+        out[:, :, g] = ua[:, sl] @ uw[:, sl].T
+    return out

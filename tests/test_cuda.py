@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from abqc import quant
+from conftest import int64_group_matmul
 from abqc.bits import parse_pair
 from abqc.codegen import layout
 from abqc.codegen.config import gemv_channel_tiles, gemv_max_tokens, token_tile_choices
@@ -17,16 +18,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="
 from abqc.runtime import QuantLinear, ops  # noqa: E402
 
 SHAPES = [(1, 37, 77), (5, 130, 300), (19, 64, 1000), (64, 48, 513)]   # odd K and N tails, M not a tile multiple
-
-
-def _ref_acc(ua, uw, group_len):
-    m, k = ua.shape
-    groups = -(-k // group_len)
-    out = torch.zeros(m, uw.shape[0], groups, dtype=torch.int64)
-    for g in range(groups):
-        sl = slice(g * group_len, (g + 1) * group_len)
-        out[:, :, g] = ua[:, sl] @ uw[:, sl].T
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +37,7 @@ def test_bitplane_mm_exact_all_pairs(p, q):
         ua = torch.randint(0, 2 ** q, (m, k), generator=gen)
         uw = torch.randint(0, 2 ** p, (n, k), generator=gen)
         a, w = quant.pack_bitplanes(ua, q, pad_to=pad), quant.pack_bitplanes(uw, p, pad_to=pad)
-        expect = _ref_acc(ua, uw, pad)
+        expect = int64_group_matmul(ua, uw, pad)
         wt = layout.tile_weights(w.cuda(), group_words)
         tiles = [("bmma", wk, tm) for wk, tm in itertools.product((2, 4, 8), token_tile_choices(p, q))]
         if gw is None:     # the GEMV family: per-channel, every build that serves m tokens

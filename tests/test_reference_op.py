@@ -5,23 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abqc import quant
+from conftest import int64_group_matmul
 from abqc.bits import parse_pair
 from abqc.runtime import FakeQuantLinear, QuantLinear, cpu_impl, ops, reference
 
 
 def _codes(rows, k, bits, gen):
     return torch.randint(0, 2 ** bits, (rows, k), generator=gen)
-
-
-def _int64_ref(ua, uw, group_len):
-    """sum_k ua*uw per K group, in int64."""
-    m, k = ua.shape
-    groups = -(-k // group_len)
-    out = torch.zeros(m, uw.shape[0], groups, dtype=torch.int64)
-    for g in range(groups):
-        sl = slice(g * group_len, (g + 1) * group_len)
-        out[:, :, g] = ua[:, sl] @ uw[:, sl].T
-    return out
 
 
 @pytest.mark.parametrize("p", range(1, 9))
@@ -31,7 +21,7 @@ def test_all_bit_pairs_exact(p, q):
     m, n, k = 3, 5, 77                                  # odd K and N: tails inside the last word
     ua, uw = _codes(m, k, q, gen), _codes(n, k, p, gen)
     a, w = quant.pack_bitplanes(ua, q), quant.pack_bitplanes(uw, p)
-    expect = _int64_ref(ua, uw, k)
+    expect = int64_group_matmul(ua, uw, k)
     for impl in ("bitplane", "codes"):
         with cpu_impl(impl):
             got = torch.ops.abqc.bitplane_mm(a, w, a.shape[2])
@@ -47,7 +37,7 @@ def test_grouped_products_exact(p, q, m, n, k, group_words, seed):
     ua, uw = _codes(m, k, q, gen), _codes(n, k, p, gen)
     pad = group_words * 32
     a, w = quant.pack_bitplanes(ua, q, pad_to=pad), quant.pack_bitplanes(uw, p, pad_to=pad)
-    expect = _int64_ref(ua, uw, pad)
+    expect = int64_group_matmul(ua, uw, pad)
     assert torch.equal(reference.accumulate_bitplane(a, w, group_words), expect)
     assert torch.equal(reference.accumulate_codes(a, w, group_words), expect)
 
@@ -58,7 +48,7 @@ def test_eight_bit_long_k_uses_exact_float64():
     ua, uw = torch.full((2, 4096), 255), _codes(3, 4096, 8, gen)
     a, w = quant.pack_bitplanes(ua, 8), quant.pack_bitplanes(uw, 8)
     assert reference.exact_dtype(8, 8, 4096) == torch.float64
-    assert torch.equal(reference.accumulate_codes(a, w, a.shape[2]), _int64_ref(ua, uw, 4096 + 0))
+    assert torch.equal(reference.accumulate_codes(a, w, a.shape[2]), int64_group_matmul(ua, uw, 4096 + 0))
 
 
 def test_popcount():

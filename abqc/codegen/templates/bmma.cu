@@ -64,6 +64,15 @@ __device__ __forceinline__ void run_steps(const Args &a, const u32 *xs, int nt, 
   }
 }
 
+__device__ __forceinline__ void zero_acc(int (&acc)[TM][S_ACC][4]) {
+#pragma unroll
+  for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+    for (int s = 0; s < S_ACC; ++s)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
+}
+
 __device__ __forceinline__ int combine(const int (&accs)[S_ACC][4], int r) {
   int c = 0;
 #pragma unroll
@@ -98,12 +107,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
   int acc[TM][S_ACC][4];
   if (a.G == 1) {
     // per-channel: warps split the K steps; integer partials are reduced exactly across warps
-#pragma unroll
-    for (int tm = 0; tm < TM; ++tm)
-#pragma unroll
-      for (int s = 0; s < S_ACC; ++s)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
+    zero_acc(acc);
     run_steps(a, xs, nt, warp, steps, WK, m0, lane, wb, acc);
 #pragma unroll
     for (int tm = 0; tm < TM; ++tm)
@@ -112,12 +116,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
   } else {
     // per-group: warps split whole groups; each group is corrected and scaled when it ends
     for (int grp = warp; grp < a.G; grp += WK) {
-#pragma unroll
-      for (int tm = 0; tm < TM; ++tm)
-#pragma unroll
-        for (int s = 0; s < S_ACC; ++s)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[tm][s][r] = 0;
+      zero_acc(acc);
       load_batch(a, nt, grp * a.SG, (grp + 1) * a.SG, 1, lane, wb);
       run_steps(a, xs, nt, grp * a.SG, (grp + 1) * a.SG, 1, m0, lane, wb, acc);
 #pragma unroll
