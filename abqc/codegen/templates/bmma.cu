@@ -80,7 +80,15 @@ __device__ __forceinline__ int combine(const int (&accs)[S_ACC][4], int r) {
   return c;
 }
 
-extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
+// Large accumulator sets (many plane pairs or token tiles) need more than the 128 registers ptxas
+// settles on for two blocks per SM; one block per SM lets them stay in registers (no spills).
+#if TM * S_ACC >= 14
+#define BMMA_BOUNDS __launch_bounds__(256, 1)
+#else
+#define BMMA_BOUNDS __launch_bounds__(256)
+#endif
+
+extern "C" __global__ void BMMA_BOUNDS KERNEL_NAME(const Args a) {
   // shared memory: [WK][32][TM*4] reduction partials, then the staged activation rows [Q][rows][stride]
   extern __shared__ float red[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
