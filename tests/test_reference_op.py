@@ -100,3 +100,18 @@ def test_ops_registered_and_pass_opcheck():
     ql = QuantLinear.from_linear(lin, pair, quant.quantize_weight(lin.weight, 2))
     args = (torch.randn(4, 70), ql.w_planes, ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, 3, ql.group_size, 70, False)
     torch.library.opcheck(torch.ops.abqc.wpaq_linear.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dtype_casts_keep_float32_epilogue():
+    torch.manual_seed(0)
+    pair = parse_pair("w4a8")
+    lin = torch.nn.Linear(96, 24)
+    ql = QuantLinear.from_linear(lin, pair, quant.quantize_weight(lin.weight, 4))
+    x = torch.randn(3, 96)
+    ref = ql(x.half().float())
+    ql.half()
+    assert ql.w_scale.dtype == torch.float32 and ql.bias.dtype == torch.float32
+    assert ql.w_planes.dtype == torch.int32 and ql.w_zero.dtype == torch.int32
+    y = ql(x.half())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)

@@ -46,7 +46,15 @@ class QuantLinear(nn.Module):
                                 self.pair.a_bits, gw, kp // (gw * 32), self.in_features, self.act_symmetric,
                                 tile=self.tile)
 
-    tile = None  # (warps splitting K, token tiles) chosen by the planner; None: runtime default
+    tile = None  # (family, warps splitting K, token tiles[, channel tiles]) from the planner; None: default
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(dtype) must not touch the epilogue's float32 scales and bias
+        super()._apply(fn, recurse)
+        self.w_scale = self.w_scale.float()
+        if self.bias is not None:
+            self.bias = self.bias.float()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
