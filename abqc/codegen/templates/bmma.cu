@@ -43,7 +43,7 @@ __device__ __forceinline__ void mma_step(const Args &a, const u32 *xs, int s, in
 
 // Weight fragments of PF steps are loaded together before their MMAs: enough bytes in flight to
 // stream weights at HBM speed with few warps (decode shapes give each warp only a handful of steps).
-#define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : (P == 2 ? 6 : 8)))))
+#define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : 6))))
 #define PF (PF_RAW / TM > 0 ? PF_RAW / TM : 1)
 
 __device__ __forceinline__ void load_batch(const Args &a, int nt, int s, int s1, int stride, int lane,
@@ -80,13 +80,10 @@ __device__ __forceinline__ int combine(const int (&accs)[S_ACC][4], int r) {
   return c;
 }
 
-// Large accumulator sets (many plane pairs or token tiles) need more than the 128 registers ptxas
-// settles on for two blocks per SM; one block per SM lets them stay in registers (no spills).
-#if TM * S_ACC >= 14
+// Accumulators plus a batch of prefetched weight fragments need more than the 128 registers ptxas
+// settles on for two blocks per SM; one block per SM (up to 255 registers) keeps them out of local
+// memory (checked in CI: no LDL/STL in any build).
 #define BMMA_BOUNDS __launch_bounds__(256, 1)
-#else
-#define BMMA_BOUNDS __launch_bounds__(256)
-#endif
 
 extern "C" __global__ void BMMA_BOUNDS KERNEL_NAME(const Args a) {
   // shared memory: [WK][32][TM*4] reduction partials, then the staged activation rows [Q][rows][stride]
