@@ -152,17 +152,11 @@ def pack_bitplanes(codes: torch.Tensor, planes: int, pad_to: int = 32) -> torch.
 
 
 def unpack_bitplanes(words: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """Inverse of pack_bitplanes: int32 [planes, R, W] -> int64 codes [R, k or 32*W]."""
+    """Inverse of pack_bitplanes: int32 [planes, R, W] -> int32 codes [R, k or 32*W] (same device)."""
     planes, r, w = words.shape
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    bits = (u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [planes, R, W, 32]
-    weights = (1 << torch.arange(planes, dtype=torch.int64)).view(planes, 1, 1, 1)
-    codes = (bits * weights).sum(0).reshape(r, w * 32)
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    codes = torch.zeros(r, w, 32, dtype=torch.int32, device=words.device)
+    for i in range(planes):
+        codes |= ((words[i].unsqueeze(-1) >> shifts) & 1) << i   # arithmetic shift is fine: & 1
+    codes = codes.view(r, w * 32)
     return codes if k is None else codes[:, :k]
-
-
-def unpack_planes01(words: torch.Tensor, k: int) -> torch.Tensor:
-    """Individual planes as 0/1 int64 [planes, R, k] (for the binary-product reference)."""
-    planes, r, w = words.shape
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    return ((u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(planes, r, w * 32)[..., :k]

@@ -113,7 +113,7 @@ def wpaq_linear(x: torch.Tensor, w_planes: torch.Tensor, w_scale: torch.Tensor, 
     if x.device.type == "cpu" and _CPU_IMPL["name"] == "codes":
         # same integers as bitplane_mm, without packing activations only to unpack them again
         up, a_sum, a_scale, a_zero = quantize_activation_padded(x, a_bits, group_size, in_features, act_symmetric)
-        uw = reference.plane_codes(w_planes)
+        uw = quant.unpack_bitplanes(w_planes)
         acc = reference.accumulate_from_codes(up, uw, kp // (gw * 32), a_bits, w_planes.shape[0])
     else:
         a_planes, a_sum, a_scale, a_zero = pack_activation(x, a_bits, group_size, in_features, act_symmetric)
@@ -129,7 +129,7 @@ def _(x, w_planes, w_scale, w_zero, w_sum, bias, a_bits, group_size, in_features
 def dequantize_planes(w_planes, w_scale, w_zero, group_size, in_features):
     gw, kp = group_layout(in_features, group_size)
     n = w_planes.shape[1]
-    u = reference.plane_codes(w_planes)[:, :kp].to(torch.float32).view(n, -1, gw * 32)
+    u = quant.unpack_bitplanes(w_planes)[:, :kp].to(torch.float32).view(n, -1, gw * 32)
     w = (u - w_zero.to(torch.float32).unsqueeze(-1)) * w_scale.unsqueeze(-1)
     return w.view(n, -1)[:, :in_features]
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant import unpack_bitplanes
+
 _M1, _M2, _M4 = 0x55555555, 0x33333333, 0x0F0F0F0F
 
 
@@ -59,16 +61,6 @@ def accumulate_bitplane(a_planes: torch.Tensor, w_planes: torch.Tensor, group_wo
     return out
 
 
-def plane_codes(planes: torch.Tensor) -> torch.Tensor:
-    """Recombine int32 bit-planes [P, R, W] into int32 codes [R, 32*W]."""
-    p, r, w = planes.shape
-    shifts = torch.arange(32, device=planes.device, dtype=torch.int32)
-    codes = torch.zeros(r, w, 32, dtype=torch.int32, device=planes.device)
-    for i in range(p):
-        codes |= ((planes[i].unsqueeze(-1) >> shifts) & 1) << i   # arithmetic shift is fine: & 1
-    return codes.view(r, w * 32)
-
-
 def exact_dtype(q: int, p: int, group_len: int) -> torch.dtype:
     """float32 if every partial sum of code products stays below 2^24 (exact), else float64."""
     return torch.float32 if (2 ** q - 1) * (2 ** p - 1) * group_len < 2 ** 24 else torch.float64
@@ -87,5 +79,5 @@ def accumulate_from_codes(ua: torch.Tensor, uw: torch.Tensor, groups: int, q: in
 
 def accumulate_codes(a_planes: torch.Tensor, w_planes: torch.Tensor, group_words: int) -> torch.Tensor:
     groups = w_planes.shape[2] // group_words
-    return accumulate_from_codes(plane_codes(a_planes), plane_codes(w_planes), groups,
+    return accumulate_from_codes(unpack_bitplanes(a_planes), unpack_bitplanes(w_planes), groups,
                                  a_planes.shape[0], w_planes.shape[0])
