@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT.parent))
 
 from abqc import quant  # noqa: E402
 from abqc.bits import parse_pair  # noqa: E402
-from abqc.codegen import layout, planner  # noqa: E402
-from abqc.runtime import QuantLinear, ops  # noqa: E402
+from abqc.codegen import planner  # noqa: E402
+from abqc.runtime import QuantLinear  # noqa: E402
 from abqc.runtime import cuda as rcuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
@@ -100,9 +100,8 @@ def abqc_layer(bits, n, k):
 
 
 def bench_abqc(pair, ql, x, tune: bool):
-    gw, kp = ops.group_layout(ql.in_features, ql.group_size)
-    groups = kp // (gw * 32)
-    wt = layout.tile_weights(ql.w_planes, gw)
+    gw, groups = ql.group_words_and_count()
+    wt = ql.tiled_weights()
     wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
     m = x.shape[0]
 
@@ -116,12 +115,11 @@ def bench_abqc(pair, ql, x, tune: bool):
     us = planner.time_us(rotating([lambda w=w: call(w, tile) for w in wts]), iters=1) / len(wts)
     # breakdown: the activation packer alone, and the bit-plane kernel alone on packed activations
     packed = rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
-    epi = {"w_scale": ql.w_scale, "w_zero": ql.w_zero, "w_sum": ql.w_sum, "a_scale": packed[2],
-           "a_zero": packed[3], "a_sum": packed[1]}
+    epi = rcuda.epilogue_args(ql.w_scale, ql.w_zero, ql.w_sum, packed)
     pack_us = planner.time_us(lambda: rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False))
     gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features, gw, 2,
                                                                epi, tile) for w in wts]), iters=1) / len(wts)
-    return us, tile, wt.shape[2] * ql.out_features * kp // 8, pack_us, gemm_us
+    return us, tile, wt.shape[2] * ql.out_features * groups * gw * 4, pack_us, gemm_us
 
 
 def main(argv=None):

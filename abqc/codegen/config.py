@@ -17,6 +17,11 @@ def gemv_max_tokens(p: int, q: int) -> tuple[int, ...]:
     return tuple(mt for mt in (1, 2, 4, 8) if p * -(-mt * q // 8) <= 16)
 
 
+def gemv_tokens(m: int, p: int, q: int) -> int | None:
+    """The GEMV build (max tokens) serving m tokens, or None if that family cannot."""
+    return next((mt for mt in gemv_max_tokens(p, q) if m <= mt), None)
+
+
 def gemv_channel_tiles(p: int, q: int, mt: int) -> tuple[int, ...]:
     """16-channel tiles per warp (NTW) for a GEMV build: NTW * P * ceil(MT*Q/8) accumulator tiles <= 16."""
     cap = int(os.environ.get("ABQC_GEMV_MAX_NTW", "4"))   # debugging knob: restrict the builds used

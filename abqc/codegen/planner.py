@@ -13,7 +13,8 @@ import threading
 import torch
 
 from ..models import cache_dir
-from .config import gemv_channel_tiles, gemv_max_tokens, token_tile_choices
+from .config import gemv_channel_tiles, gemv_tokens, token_tile_choices
+from .layout import steps_per_group
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
@@ -48,7 +49,7 @@ def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
     """(family, warps splitting K, token tiles) worth timing for this shape."""
     tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
     out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
-    mt = next((t for t in gemv_max_tokens(p, q) if m <= t), None)
+    mt = gemv_tokens(m, p, q)
     if groups == 1 and mt:
         out += [("gemv", wk, mt, u) for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     return out
@@ -86,7 +87,7 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
         return plans[key]
     groups = kw // group_words
     if not tune:
-        tile = default_tile(m, p, q, n, groups * -(-group_words // 8), groups)
+        tile = default_tile(m, p, q, n, groups * steps_per_group(group_words), groups)
         return {"family": tile[0], "tile": list(tile), "us": None, "tuned": False}
     best = None
     for tile in candidates(p, q, m, groups):

@@ -12,7 +12,7 @@ import threading
 import torch
 
 from ..codegen import layout
-from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, token_tile_choices
+from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
 from ..errors import AbqcError
 
 _LOCK = threading.Lock()
@@ -144,21 +144,15 @@ def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_f
     return planes, sums, scale, zero
 
 
-def gemv_tokens(m: int, p: int, q: int) -> int | None:
-    """The GEMV build (max tokens) serving m tokens, or None if that family cannot."""
-    return next((mt for mt in gemv_max_tokens(p, q) if m <= mt), None)
-
-
 def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
     """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
     (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
     planes; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
-    wk = 4 if k_steps >= 8 else 2
-    if groups == 1 and gemv_tokens(m, p, q):
-        mt = gemv_tokens(m, p, q)
-        return "gemv", 8 if k_steps >= 8 else wk, mt, max(gemv_channel_tiles(p, q, mt))
-    tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m) or t == 1)
-    return "bmma", wk, tm
+    mt = gemv_tokens(m, p, q) if groups == 1 else None
+    if mt:
+        return "gemv", 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
+    tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m))
+    return "bmma", 4 if k_steps >= 8 else 2, tm
 
 
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
@@ -208,14 +202,19 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     return out
 
 
+def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
+    """The fused epilogue's inputs: weight scale/zero/code sums and quant_pack's (planes, sums, scale, zero)."""
+    _, a_sum, a_scale, a_zero = packed
+    return {"w_scale": w_scale, "w_zero": w_zero, "w_sum": w_sum, "a_scale": a_scale, "a_zero": a_zero,
+            "a_sum": a_sum, "bias": bias}
+
+
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None) -> torch.Tensor:
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch."""
-    planes, sums, scale, zero = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)
-    epi = {"w_scale": w_scale, "w_zero": w_zero, "w_sum": w_sum, "a_scale": scale, "a_zero": zero,
-           "a_sum": sums, "bias": bias}
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
-    return bmma(w_tiled, planes, n, in_features, group_words, 1, epi, tile, out_dtype)
+    packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
+    epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
+    return bmma(w_tiled, packed[0], n, in_features, group_words, 1, epi, tile, x.dtype)
 
 
 def register() -> None:

@@ -34,17 +34,26 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False):
         return cls(linear.in_features, linear.out_features, pair, qw, linear.bias, act_symmetric)
 
+    def group_words_and_count(self) -> tuple[int, int]:
+        """(32-bit words per K group, number of groups) of the packed weights."""
+        gw, kp = ops.group_layout(self.in_features, self.group_size)
+        return gw, kp // (gw * 32)
+
+    def tiled_weights(self) -> torch.Tensor:
+        """The GPU kernels' fragment layout of w_planes, made once per device."""
+        wt = getattr(self, "_w_tiled", None)
+        if wt is None or wt.device != self.w_planes.device:
+            from ..codegen.layout import tile_weights
+            wt = self._w_tiled = tile_weights(self.w_planes, self.group_words_and_count()[0])
+        return wt
+
     def _cuda_linear(self, x2: torch.Tensor) -> torch.Tensor:
         from . import cuda
         cuda.register()
-        gw, kp = ops.group_layout(self.in_features, self.group_size)
-        wt = getattr(self, "_w_tiled", None)
-        if wt is None or wt.device != x2.device:
-            from ..codegen.layout import tile_weights
-            wt = self._w_tiled = tile_weights(self.w_planes, gw)   # once per device: the kernels' layout
-        return cuda.bmma_linear(x2, wt, self.w_scale, self.w_zero, self.w_sum, self.bias, self.out_features,
-                                self.pair.a_bits, gw, kp // (gw * 32), self.in_features, self.act_symmetric,
-                                tile=self.tile)
+        gw, groups = self.group_words_and_count()
+        return cuda.bmma_linear(x2, self.tiled_weights(), self.w_scale, self.w_zero, self.w_sum, self.bias,
+                                self.out_features, self.pair.a_bits, gw, groups, self.in_features,
+                                self.act_symmetric, tile=self.tile)
 
     tile = None  # (family, warps splitting K, token tiles[, channel tiles]) from the planner; None: default
 
