@@ -13,7 +13,6 @@ Relations for later passes, found on the graph (not by module names):
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import networkx as nx

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from abqc import quant
 from conftest import int64_group_matmul
 from abqc.bits import parse_pair
-from abqc.runtime import FakeQuantLinear, QuantLinear, cpu_impl, ops, reference
+from abqc.runtime import FakeQuantLinear, QuantLinear, cpu_impl, reference
 
 
 def _codes(rows, k, bits, gen):
