@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from .errors import BitSpecError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-_PAIR = re.compile(r"^w(\d+)(\*?)a(\d+)(?:g(\d+))?$")
-_SELECTOR = re.compile(r"^(?:(\d+)(?:-(\d+))?)?(?:\.?(q|k|v|o|gate|up|down))?$")
+# ASCII digits only, and few of them: int() of a huge or non-ASCII digit string must never be reached
+_PAIR = re.compile(r"^w(\d{1,6})(\*?)a(\d{1,6})(?:g(\d{1,9}))?$", re.ASCII)
+_SELECTOR = re.compile(r"^(?:(\d{1,9})(?:-(\d{1,9}))?)?(?:\.?(q|k|v|o|gate|up|down))?$", re.ASCII)
 _ACCEPTED = ('accepted: "w<1-8>a<1-8|16>" with optional "*" after the weight bits for the 2-bit '
              'balanced grid and "g<group>" for per-group weights, e.g. "w4a8", "w2*a8", "w4a16g128", '
              'plus overrides like "w2a8,down=w4a8,0-2=w8a8,29.o=w4a8"')
@@ -136,12 +137,32 @@ class BitSpec:
         return ",".join([str(self.default)] + [f"{s}={p}" for s, p in self.overrides])
 
 
+def check_pair(pair: BitPair) -> BitPair:
+    """A BitPair built in code passes the same checks as a parsed one (its string must parse back to it)."""
+    if not isinstance(pair, BitPair):
+        raise BitSpecError(f"expected a bit pair like 'w4a8' or BitPair(4, 8), got {type(pair).__name__}; {_ACCEPTED}")
+    try:
+        parsed = parse_pair(str(pair))
+    except BitSpecError as e:
+        raise BitSpecError(f"invalid {pair!r}: {e}") from None
+    if parsed != pair:
+        raise BitSpecError(f"invalid {pair!r}: bits must be ints (w 1..8 or 16, a 1..8 or 16) and group_size None "
+                           "or a positive multiple of 32")
+    return pair
+
+
+def _check_selector(sel: Selector) -> Selector:
+    if not isinstance(sel, Selector) or parse_selector(str(sel)) != sel:
+        raise BitSpecError(f"invalid override selector {sel!r}: build BitSpec overrides with parse_selector('0-2.down')")
+    return sel
+
+
 def parse_bits(bits: "str | BitPair | BitSpec", overrides: dict | None = None) -> BitSpec:
     """Parse "w2a8" or "w2a8,down=w4a8" (and/or a dict of overrides) into a BitSpec."""
     if isinstance(bits, BitSpec):
-        spec = bits
+        spec = BitSpec(check_pair(bits.default), tuple((_check_selector(sel), check_pair(p)) for sel, p in bits.overrides))
     elif isinstance(bits, BitPair):
-        spec = BitSpec(bits)
+        spec = BitSpec(check_pair(bits))
     elif isinstance(bits, str):
         parts = [p for p in bits.replace(";", ",").split(",")]
         if not parts[0].strip():
@@ -159,6 +180,7 @@ def parse_bits(bits: "str | BitPair | BitSpec", overrides: dict | None = None) -
     if overrides:
         if not isinstance(overrides, dict):
             raise BitSpecError("overrides must be a dict like {'down': 'w4a8', '0-2': 'w8a8'}")
-        extra = tuple((parse_selector(k), v if isinstance(v, BitPair) else parse_pair(v)) for k, v in overrides.items())
+        extra = tuple((parse_selector(k), check_pair(v) if isinstance(v, BitPair) else parse_pair(v))
+                      for k, v in overrides.items())
         spec = BitSpec(spec.default, spec.overrides + extra)
     return spec

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, data
 from .bits import parse_bits
 from .capture import capture
-from .errors import AbqcError
+from .errors import AbqcError, DataError
+from .models import check_finite, check_supported
 from .passes import DEFAULT_PIPELINE, REGISTRY, PassContext, run_passes
 
 
@@ -59,6 +60,28 @@ def _resolve_passes(passes) -> list:
     return out
 
 
+def _check_inputs(model: nn.Module, calib: torch.Tensor | None) -> None:
+    """Refuse what compile cannot quantize before any copy or capture: clear errors, never torch's."""
+    if isinstance(model, CompiledModel):
+        raise AbqcError("the model is already compiled by abqc; compile the floating-point model instead")
+    check_supported(model)
+    check_finite(model)
+    if calib is None:
+        return
+    if not torch.is_tensor(calib) or calib.dim() != 2:
+        got = tuple(calib.shape) if torch.is_tensor(calib) else type(calib).__name__
+        raise DataError(f"calib must be a LongTensor of token ids [n_samples, seqlen], got {got} "
+                        "(see abqc.data.calibration_samples)")
+    data.check_ids(calib, getattr(model.config, "vocab_size", None), "calib")
+    n, seqlen = calib.shape
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if n < 1 or seqlen < 2:
+        raise DataError(f"calib has shape {tuple(calib.shape)}: pass at least one sample of at least 2 tokens")
+    if max_len is not None and seqlen > max_len:
+        raise DataError(f"calib seqlen {seqlen} exceeds the model's maximum of {max_len} positions: "
+                        f"use calibration_samples(..., seqlen<={max_len})")
+
+
 def compile(model: nn.Module, bits="w4a8", overrides: dict | None = None, calib: torch.Tensor | None = None,
             passes=None, inplace: bool = False, seed: int = 0, act_symmetric: bool = False,
             weight_symmetric: bool = False, report_dir: str | Path | None = None,
@@ -71,12 +94,7 @@ def compile(model: nn.Module, bits="w4a8", overrides: dict | None = None, calib:
     inplace: rewrite `model` itself instead of a deep copy.
     """
     spec = parse_bits(bits, overrides)
-    if isinstance(model, CompiledModel):
-        raise AbqcError("the model is already compiled by abqc; compile the floating-point model instead")
-    if calib is not None:
-        if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-            raise AbqcError("calib must be a LongTensor of token ids [n_samples, seqlen] "
-                            "(see abqc.data.calibration_samples)")
+    _check_inputs(model, calib)
     t0 = time.perf_counter()
     target = model if inplace else copy.deepcopy(model)
     captured = capture(target)

