@@ -42,3 +42,31 @@ def test_same_config_same_bits(kind, bits):
     # the check can fail: a different model gives different packed weights
     _, other = _quantized(tiny_model(kind, layers=1, seed=4), bits)
     assert not all(torch.equal(lin1[n].w_planes, other[n].w_planes) for n in lin1)
+
+
+def _gpu_ready() -> bool:
+    try:
+        from abqc.runtime import cuda
+    except ImportError:
+        return False
+    return cuda.available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")
+@pytest.mark.parametrize("bits", ["w4a8", "w2*a8", "w3a8g64"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_gpu_kernels_run_to_run_bit_identical(bits, m):
+    # the README's GPU tolerance: exact integers, a float32 epilogue in an order fixed by the kernel config
+    from abqc import quant
+    from abqc.bits import parse_pair
+    torch.manual_seed(0)
+    pair = parse_pair(bits)
+    lin = torch.nn.Linear(300, 70)
+    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced,
+                               balanced=pair.balanced)
+    a, b = QuantLinear.from_linear(lin, pair, qw).cuda(), QuantLinear.from_linear(lin, pair, qw).cuda()
+    x = torch.randn(m, 300, device="cuda")
+    y = a(x)
+    assert torch.equal(y, a(x)) and torch.equal(y, b(x))
+    torch.testing.assert_close(y.cpu(), QuantLinear.from_linear(lin, pair, qw)(x.cpu()), rtol=2e-5, atol=2e-5)
