@@ -243,6 +243,7 @@ CASES = [
 def test_bad_input_names_problem_and_fix(case, tmp_path, monkeypatch):
     if case.no_cuda:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setitem(rcuda._REGISTERED, "done", False)   # a GPU session may have registered already
     env = Env(tiny_model("llama"), tmp_path)
     with pytest.raises(case.error) as info:
         case.run(env)
