@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, data
+from . import __version__, artifact, data
 from .bits import parse_bits
 from .capture import capture
 from .errors import AbqcError, DataError
@@ -18,15 +18,19 @@ from .passes import DEFAULT_PIPELINE, REGISTRY, PassContext, run_passes
 
 
 class CompiledModel(nn.Module):
-    """The quantized HF model (its linears lowered) with the compile report.
+    """The quantized HF model (its linears lowered) with the compile report: a drop-in for the HF model.
 
-    forward / generate / config go straight to the wrapped Hugging Face model, so it is a drop-in.
+    forward / generate (HF KV cache included) go to the wrapped model, and so does every other public
+    attribute nn.Module does not have (config, device, generation_config, get_input_embeddings ...).
+    .to(device) / .half() / .to(torch.bfloat16) / eval() recurse into it as for any nn.Module; QuantLinear
+    keeps its float32 scales under dtype casts. save() / load() write and read an abqc artifact.
     """
 
     def __init__(self, model: nn.Module, report: dict):
         super().__init__()
         self.model = model
         self.report = report
+        self.training = model.training   # a wrapper of an eval-mode model is in eval mode too
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -37,6 +41,26 @@ class CompiledModel(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # private and dunder names stay ours, so copy/pickle protocols never reach the wrapped model
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
+
+    def save(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write an abqc artifact (safetensors + plan.json, see abqc.artifact) that abqc.load(directory) reads."""
+        return artifact.save(self.model, self.report, directory, tokenizer)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        """(CompiledModel, tokenizer or None, ModelInfo) from an artifact folder; no calibration or FP weights."""
+        model, report, tokenizer, info = artifact.load(directory, device)
+        return cls(model, report), tokenizer, info
 
     def write_report(self, directory: str | Path) -> Path:
         d = Path(directory)

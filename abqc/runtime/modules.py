@@ -3,6 +3,11 @@
 QuantLinear holds packed bit-planes and calls the runtime ops (real integer arithmetic).
 FakeQuantLinear holds dequantized float weights and fake-quantizes activations: the float model of
 the same quantization, used to check the integer path and by calibration passes.
+
+Both describe themselves with `spec()`, a JSON-able dict of everything but tensors, and `from_spec(spec)`
+builds an empty module (uninitialised tensors of the right shapes and dtypes) that a state dict then
+fills: that is how saved artifacts are rebuilt (abqc.artifact). Invariant: from_spec(m.spec()) has the
+state-dict keys, shapes and dtypes of m.
 """
 from __future__ import annotations
 
@@ -10,8 +15,37 @@ import torch
 from torch import nn
 
 from .. import quant
-from ..bits import BitPair
+from ..bits import BitPair, parse_pair
+from ..errors import AbqcError
 from . import ops
+
+
+def _checked_spec(cls_name: str, spec, required: dict, optional: dict = None) -> dict:
+    """spec with every required key of the right type and no unknown key, or an AbqcError naming the key."""
+    optional = optional or {}
+    if not isinstance(spec, dict):
+        raise AbqcError(f"{cls_name} spec must be a dict, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(required) - set(optional))
+    missing = sorted(set(required) - set(spec))
+    if unknown or missing:
+        raise AbqcError(f"{cls_name} spec has unknown keys {unknown} / lacks keys {missing}: it was written by "
+                        "another abqc version or edited; re-save the model with this abqc")
+    for key, kind in {**required, **optional}.items():
+        v = spec.get(key)
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))  # bool is an int subclass
+        if key in spec and not ok:
+            raise AbqcError(f"{cls_name} spec key {key!r} must be {kind.__name__}, got {v!r}")
+    for key in ("in_features", "out_features", "group_size", "planes"):
+        if key in spec and spec[key] <= 0:
+            raise AbqcError(f"{cls_name} spec key {key!r} must be positive, got {spec[key]}")
+    return spec
+
+
+def _quantized_pair(cls_name: str, bits: str) -> BitPair:
+    pair = parse_pair(bits)
+    if pair.is_fp:
+        raise AbqcError(f"{cls_name} spec has bits {bits!r}, which keep the layer FP: such a layer is an nn.Linear")
+    return pair
 
 
 class QuantLinear(nn.Module):
@@ -33,6 +67,48 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False):
         return cls(linear.in_features, linear.out_features, pair, qw, linear.bias, act_symmetric)
+
+    def spec(self) -> dict:
+        """Constructor config without tensors (JSON-able); `from_spec` rebuilds the empty module."""
+        s = {"in_features": self.in_features, "out_features": self.out_features, "bits": str(self.pair),
+             "group_size": self.group_size, "act_symmetric": self.act_symmetric,
+             "planes": int(self.w_planes.shape[0]), "bias": self.bias is not None}
+        if self.tile is not None:
+            s["tile"] = list(self.tile)
+        return s
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "QuantLinear":
+        """An empty QuantLinear (uninitialised buffers) of the layout `spec` describes, checked for consistency."""
+        s = _checked_spec("QuantLinear", spec, {"in_features": int, "out_features": int, "bits": str,
+                                                "group_size": int, "act_symmetric": bool, "planes": int,
+                                                "bias": bool}, {"tile": list})
+        pair = _quantized_pair("QuantLinear", s["bits"])
+        k, n = s["in_features"], s["out_features"]
+        if s["planes"] != pair.w_planes:
+            raise AbqcError(f"QuantLinear spec: bits {pair} need {pair.w_planes} weight bit-planes, but the spec "
+                            f"says {s['planes']}; the artifact is inconsistent, re-save it")
+        if s["group_size"] != (pair.group_size or k):
+            raise AbqcError(f"QuantLinear spec: bits {pair} with in_features {k} need group size "
+                            f"{pair.group_size or k}, but the spec says {s['group_size']}")
+        tile = s.get("tile")
+        if tile is not None and not (tile and isinstance(tile[0], str) and
+                                     all(isinstance(t, int) and not isinstance(t, bool) for t in tile[1:])):
+            raise AbqcError(f"QuantLinear spec: tile must be [family, ints...], got {tile!r}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features, m.pair = k, n, pair
+        m.act_symmetric, m.group_size = s["act_symmetric"], s["group_size"]
+        if tile is not None:
+            m.tile = tuple(tile)
+        gw, kp = ops.group_layout(k, m.group_size)
+        groups = kp // (gw * 32)
+        m.register_buffer("w_planes", torch.empty(pair.w_planes, n, kp // 32, dtype=torch.int32, device=device))
+        m.register_buffer("w_scale", torch.empty(n, groups, dtype=torch.float32, device=device))
+        m.register_buffer("w_zero", torch.empty(n, groups, dtype=torch.int32, device=device))
+        m.register_buffer("w_sum", torch.empty(n, groups, dtype=torch.int32, device=device))
+        m.register_buffer("bias", torch.empty(n, dtype=torch.float32, device=device) if s["bias"] else None)
+        return m
 
     def group_words_and_count(self) -> tuple[int, int]:
         """(32-bit words per K group, number of groups) of the packed weights."""
@@ -58,11 +134,12 @@ class QuantLinear(nn.Module):
     tile = None  # (family, warps splitting K, token tiles[, channel tiles]) from the planner; None: default
 
     def _apply(self, fn, recurse=True):
-        # model.half() / .to(dtype) must not touch the epilogue's float32 scales and bias
+        # model.half() / .to(dtype) must not touch the epilogue's float32 scales and bias: they follow the
+        # module's device but are never cast (a float32 -> half -> float32 round trip would round them)
+        keep = {name: getattr(self, name) for name in ("w_scale", "bias") if getattr(self, name) is not None}
         super()._apply(fn, recurse)
-        self.w_scale = self.w_scale.float()
-        if self.bias is not None:
-            self.bias = self.bias.float()
+        for name, t in keep.items():
+            setattr(self, name, t.to(self.w_planes.device))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +170,21 @@ class FakeQuantLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def spec(self) -> dict:
+        """Constructor config without tensors (JSON-able); `from_spec` rebuilds the empty module."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": str(self.pair),
+                "act_symmetric": self.act_symmetric, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "FakeQuantLinear":
+        """An empty FakeQuantLinear (uninitialised float32 weights) of the layout `spec` describes."""
+        s = _checked_spec("FakeQuantLinear", spec, {"in_features": int, "out_features": int, "bits": str,
+                                                    "act_symmetric": bool, "bias": bool})
+        n, k = s["out_features"], s["in_features"]
+        bias = torch.empty(n, device=device) if s["bias"] else None
+        return cls(torch.empty(n, k, device=device), bias, _quantized_pair("FakeQuantLinear", s["bits"]),
+                   s["act_symmetric"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.pair.weight_only:

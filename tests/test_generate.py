@@ -1,0 +1,88 @@
+"""CompiledModel as a drop-in for the HF model: greedy generate, KV cache, dtype casts, attribute delegation."""
+import copy
+
+import pytest
+import torch
+
+import abqc
+from abqc.runtime import QuantLinear
+from conftest import tiny_model
+
+RTN = ["rtn", "lower"]
+
+
+def greedy(model, ids, use_cache=True, n=6):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, use_cache=use_cache,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_tokens_match_fake_quant_and_cache(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    real = abqc.compile(model, bits="w4a8", passes=RTN, progress=False)
+    fake = abqc.compile(model, bits="w4a8", passes=["rtn", "lower_fake"], progress=False)
+    out = greedy(real, ids)
+    assert out.shape == (2, 12) and torch.equal(out[:, :6], ids)
+    assert torch.equal(out, greedy(fake, ids))
+    assert torch.equal(out, greedy(real, ids, use_cache=False))
+    assert not torch.equal(out, greedy(model, ids))   # w4a8 of a random model changes the greedy path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_cast_keeps_quant_scales_float32(tiny_llama, dtype):
+    q = abqc.compile(tiny_llama, bits="w4a8", passes=RTN, progress=False)
+    ql = q.model.model.layers[0].self_attn.q_proj
+    scale, planes = ql.w_scale.clone(), ql.w_planes.clone()
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        ref = q(ids).logits
+    q.to(dtype)
+    assert isinstance(ql, QuantLinear) and ql.w_scale.dtype == torch.float32
+    assert torch.equal(ql.w_scale, scale) and torch.equal(ql.w_planes, planes)   # moved, never rounded
+    assert q.model.model.embed_tokens.weight.dtype == dtype and q.dtype == dtype
+    with torch.no_grad():
+        low = q(ids).logits
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), ref, atol=0.05, rtol=0.05)
+    assert greedy(q, ids, n=4).shape == (1, 14)
+
+
+def test_qwen2_bias_stays_float32_under_half(tiny_qwen2):
+    q = abqc.compile(tiny_qwen2, bits="w4a8", passes=RTN, progress=False).half()
+    k = q.model.model.layers[0].self_attn.k_proj
+    assert k.bias is not None and k.bias.dtype == torch.float32
+    torch.testing.assert_close(k.bias, tiny_qwen2.model.layers[0].self_attn.k_proj.bias, rtol=0, atol=0)
+
+
+def test_attributes_delegate_to_wrapped_model(tiny_llama):
+    q = abqc.compile(tiny_llama, bits="w4a8", passes=RTN, progress=False).eval()
+    assert q.config is q.model.config and q.generation_config is q.model.generation_config
+    assert q.device == torch.device("cpu") and q.get_input_embeddings() is q.model.model.embed_tokens
+    assert not q.training and not q.model.training
+    with pytest.raises(AttributeError):
+        q.no_such_attribute
+    with pytest.raises(AttributeError):
+        q._private_name_is_not_delegated
+    clone = copy.deepcopy(q)
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(clone(ids).logits, q(ids).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_cuda_generates_like_cpu(tiny_llama):
+    q = abqc.compile(tiny_llama, bits="w4a8", passes=RTN, progress=False)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu_logits = q(ids).logits
+    q.to("cuda")
+    assert q.model.model.layers[0].mlp.down_proj.w_planes.is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids.cuda()).logits.cpu(), cpu_logits, atol=1e-3, rtol=1e-3)
+    out = greedy(q, ids.cuda())
+    assert torch.equal(out, greedy(q, ids.cuda(), use_cache=False))
+    q.half()
+    assert q.model.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float32
+    assert greedy(q, ids.cuda(), n=4).shape == (2, 10)
