@@ -29,11 +29,13 @@ def make_lower(mode: str = "real"):
                     continue
                 pair, qw = qweights[(block.index, role)]
                 lin = block.linear(role)
+                pre = getattr(lin, "pre", None)     # an online Hadamard (rotate pass) stays on the input
                 if mode == "real":
-                    new = QuantLinear.from_linear(lin, pair, qw, ctx.act_symmetric)
+                    new = QuantLinear.from_linear(lin, pair, qw, ctx.act_symmetric, pre)
                     q_bytes += new.w_planes.numel() * 4 + new.w_scale.numel() * 2 + new.w_zero.numel()
                 else:
-                    new = FakeQuantLinear(qw.dequantize().to(lin.weight.dtype), lin.bias, pair, ctx.act_symmetric)
+                    new = FakeQuantLinear(qw.dequantize().to(lin.weight.dtype), lin.bias, pair, ctx.act_symmetric,
+                                          pre)
                 fp_bytes += lin.weight.numel() * 2
                 new.to(lin.weight.device)
                 block.set_linear(role, new)

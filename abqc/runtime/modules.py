@@ -18,6 +18,7 @@ from .. import quant
 from ..bits import BitPair, parse_pair
 from ..errors import AbqcError
 from . import ops
+from .hadamard import OnlineHadamard
 
 
 def _checked_spec(cls_name: str, spec, required: dict, optional: dict = None) -> dict:
@@ -50,10 +51,11 @@ def _quantized_pair(cls_name: str, bits: str) -> BitPair:
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, pair: BitPair, qw: quant.QuantizedWeight,
-                 bias: torch.Tensor | None = None, act_symmetric: bool = False):
+                 bias: torch.Tensor | None = None, act_symmetric: bool = False, pre: nn.Module | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.pair, self.act_symmetric = pair, act_symmetric
+        self.pre = pre      # an input transform applied before activation quantization (online Hadamard)
         self.group_size = qw.group_size
         gw, kp = ops.group_layout(in_features, qw.group_size)
         codes = qw.codes.to(torch.int64)
@@ -65,8 +67,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False):
-        return cls(linear.in_features, linear.out_features, pair, qw, linear.bias, act_symmetric)
+    def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False,
+                    pre: nn.Module | None = None):
+        return cls(linear.in_features, linear.out_features, pair, qw, linear.bias, act_symmetric, pre)
 
     def spec(self) -> dict:
         """Constructor config without tensors (JSON-able); `from_spec` rebuilds the empty module."""
@@ -75,6 +78,8 @@ class QuantLinear(nn.Module):
              "planes": int(self.w_planes.shape[0]), "bias": self.bias is not None}
         if self.tile is not None:
             s["tile"] = list(self.tile)
+        if self.pre is not None:
+            s["pre"] = self.pre.spec()
         return s
 
     @classmethod
@@ -82,7 +87,7 @@ class QuantLinear(nn.Module):
         """An empty QuantLinear (uninitialised buffers) of the layout `spec` describes, checked for consistency."""
         s = _checked_spec("QuantLinear", spec, {"in_features": int, "out_features": int, "bits": str,
                                                 "group_size": int, "act_symmetric": bool, "planes": int,
-                                                "bias": bool}, {"tile": list})
+                                                "bias": bool}, {"tile": list, "pre": dict})
         pair = _quantized_pair("QuantLinear", s["bits"])
         k, n = s["in_features"], s["out_features"]
         if s["planes"] != pair.w_planes:
@@ -99,6 +104,7 @@ class QuantLinear(nn.Module):
         nn.Module.__init__(m)
         m.in_features, m.out_features, m.pair = k, n, pair
         m.act_symmetric, m.group_size = s["act_symmetric"], s["group_size"]
+        m.pre = OnlineHadamard.from_spec(s["pre"], device) if "pre" in s else None
         if tile is not None:
             m.tile = tuple(tile)
         gw, kp = ops.group_layout(k, m.group_size)
@@ -143,6 +149,8 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.is_cuda and not self.pair.weight_only:
@@ -164,29 +172,37 @@ class QuantLinear(nn.Module):
 
 
 class FakeQuantLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pair: BitPair, act_symmetric=False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pair: BitPair, act_symmetric=False,
+                 pre: nn.Module | None = None):
         super().__init__()
         self.pair, self.act_symmetric = pair, act_symmetric
+        self.pre = pre      # an input transform applied before activation quantization (online Hadamard)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def spec(self) -> dict:
         """Constructor config without tensors (JSON-able); `from_spec` rebuilds the empty module."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "bits": str(self.pair),
-                "act_symmetric": self.act_symmetric, "bias": self.bias is not None}
+        s = {"in_features": self.in_features, "out_features": self.out_features, "bits": str(self.pair),
+             "act_symmetric": self.act_symmetric, "bias": self.bias is not None}
+        if self.pre is not None:
+            s["pre"] = self.pre.spec()
+        return s
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "FakeQuantLinear":
         """An empty FakeQuantLinear (uninitialised float32 weights) of the layout `spec` describes."""
         s = _checked_spec("FakeQuantLinear", spec, {"in_features": int, "out_features": int, "bits": str,
-                                                    "act_symmetric": bool, "bias": bool})
+                                                    "act_symmetric": bool, "bias": bool}, {"pre": dict})
         n, k = s["out_features"], s["in_features"]
         bias = torch.empty(n, device=device) if s["bias"] else None
+        pre = OnlineHadamard.from_spec(s["pre"], device) if "pre" in s else None
         return cls(torch.empty(n, k, device=device), bias, _quantized_pair("FakeQuantLinear", s["bits"]),
-                   s["act_symmetric"])
+                   s["act_symmetric"], pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
         if not self.pair.weight_only:
             x = quant.fake_quant_activation(x, self.pair.a_bits, self.act_symmetric)
         return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
