@@ -18,7 +18,7 @@ from .models import load_model  # noqa: E402
 def load(source=None, **kwargs):
     """(model, tokenizer, info): a model source (see abqc.models.load_model: default name, HF folder, .gguf,
     hub id), or (CompiledModel, tokenizer or None, info) when `source` is a folder written by
-    CompiledModel.save (abqc.artifact); kwargs go to the loader (dtype / device; artifacts take device).
+    CompiledModel.save (abqc.artifact); kwargs (dtype, device) go to the loader.
     """
     if source is not None and artifact.is_artifact(source):
         return CompiledModel.load(source, **kwargs)

@@ -45,7 +45,7 @@ from torch import nn
 from . import __version__
 from .capture import ROLE_OF
 from .errors import AbqcError
-from .models import SUPPORTED_TYPES, ModelInfo
+from .models import SUPPORTED_TYPES, ModelInfo, check_device
 from .runtime.modules import FakeQuantLinear, QuantLinear
 
 FORMAT, FORMAT_VERSION = "abqc-artifact", 1
@@ -363,9 +363,13 @@ def _tokenizer(directory: Path, files: dict):
         raise ArtifactError(f"the tokenizer saved in {directory} does not load: {type(e).__name__}: {e}") from e
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu"):
-    """(HF model with quantized linears, compile report, tokenizer or None, ModelInfo) of an artifact folder."""
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(HF model with quantized linears, compile report, tokenizer or None, ModelInfo) of an artifact folder.
+
+    dtype: cast the float tensors after loading (QuantLinear keeps float32 scales); None keeps the saved dtypes.
+    """
     d = Path(directory)
+    device = check_device(device)
     plan = read_plan(d)
     _check_files(d, plan["files"])
     table = _tensor_table(plan)
@@ -382,7 +386,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
     if left:
         raise ArtifactError(f"tensors {left[:5]} were not in the artifact; it does not match this transformers "
                             "version's model, re-save it with this environment")
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     bits = plan["report"].get("bits", "?")
     info = ModelInfo(d.name, f"abqc artifact {d} ({bits})", config.model_type, config.num_hidden_layers,
                      getattr(config, "max_position_embeddings", 2048))

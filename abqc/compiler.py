@@ -57,9 +57,9 @@ class CompiledModel(nn.Module):
         return artifact.save(self.model, self.report, directory, tokenizer)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu"):
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """(CompiledModel, tokenizer or None, ModelInfo) from an artifact folder; no calibration or FP weights."""
-        model, report, tokenizer, info = artifact.load(directory, device)
+        model, report, tokenizer, info = artifact.load(directory, device, dtype)
         return cls(model, report), tokenizer, info
 
     def write_report(self, directory: str | Path) -> Path:

@@ -159,6 +159,41 @@ def test_load_uses_no_pickle(saved, monkeypatch):
     assert torch.equal(logits(abqc.load(saved[1])[0]), logits(saved[0]))
 
 
+def test_load_casts_dtype_and_checks_device(saved):
+    loaded, _, _ = abqc.load(saved[1], dtype=torch.bfloat16)
+    assert loaded.model.model.norm.weight.dtype == torch.bfloat16
+    assert loaded.model.model.layers[0].mlp.up_proj.w_scale.dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(AbqcError, match="no CUDA device"):
+            abqc.load(saved[1], device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_onto_cuda(saved):
+    loaded, _, _ = abqc.load(saved[1], device="cuda")
+    assert loaded.model.model.layers[0].self_attn.q_proj.w_planes.is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS.cuda()).logits.cpu(), logits(saved[0]), atol=1e-3, rtol=1e-3)
+    assert loaded.generate(IDS[:1, :5].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+@pytest.mark.slow
+def test_default_model_round_trip(tmp_path):
+    """SmolLM2 ties lm_head to embed_tokens: stored once, re-tied, same logits and tokens after loading."""
+    model, tok, _ = abqc.load()
+    q = abqc.compile(model, bits="w4a8", passes=RTN, progress=False)
+    del model
+    q.save(tmp_path / "smol", tokenizer=tok)
+    plan = json.loads((tmp_path / "smol" / "plan.json").read_text())
+    assert plan["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"} and len(plan["linears"]) == 210
+    loaded, tok2, info = abqc.load(tmp_path / "smol")
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight and info.n_layers == 30
+    ids = tok2("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(ids, tok("The capital of France is", return_tensors="pt").input_ids)
+    assert torch.equal(logits(loaded, ids), logits(q, ids))     # same logits, so the same greedy tokens
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
 # ---------------------------------------------------------------- refusals
 
 def rewrite(d: Path, plan_fn=None, tensors_fn=None):
