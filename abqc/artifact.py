@@ -13,9 +13,10 @@ plan.json is canonical JSON (sorted keys, indent 1, ASCII, one trailing newline)
   config             the model config (config.to_dict()); the model is rebuilt from it alone
   generation_config  the model's generation config (dict)
   report             the compile report
-  linears            [{path, layer, role, class, spec}] per quantized linear: its module path, decoder layer
-                     and role (null outside the decoder layers), module class (QuantLinear / FakeQuantLinear)
-                     and constructor config (`spec()`: bits, group size, act_symmetric, planes, shapes, ...)
+  linears            [{path, layer, role, class, spec}] per linear abqc replaced: its module path, decoder
+                     layer and role (null outside the decoder layers), module class (QuantLinear,
+                     FakeQuantLinear, or HadamardLinear for an FP linear behind an online Hadamard) and
+                     constructor config (`spec()`: bits, group size, act_symmetric, planes, shapes, pre, ...)
   aliases            {state-dict name: stored name} for tensors that share one storage
   tensors            {stored name: {shape, dtype}}, exactly the tensors of model.safetensors
   buffer_dtypes      {name: dtype} of the non-persistent float buffers (rotary frequencies): they are
@@ -23,7 +24,8 @@ plan.json is canonical JSON (sorted keys, indent 1, ASCII, one trailing newline)
   files              {file name: sha256} of every file of the artifact but plan.json
   plan_sha256        sha256 of the canonical JSON of the plan without this key
 
-Invariant: `load` returns a model only if every check passes: plan.json canonical and matching its own
+Invariant: `save` writes only what `load` can rebuild (it checks the plan against a meta-device rebuild
+first), and `load` returns a model only if every check passes: plan.json canonical and matching its own
 hash, known marker and format version, every file matching its hash (checked before any parser sees it),
 the model rebuilt from the config on the meta device having exactly the stored tensor names (plus aliases)
 and shapes, quantized-module dtypes exact, float tensors float. Anything else is an ArtifactError that
@@ -46,12 +48,13 @@ from . import __version__
 from .capture import ROLE_OF
 from .errors import AbqcError
 from .models import SUPPORTED_TYPES, ModelInfo, check_device
+from .runtime.hadamard import HadamardLinear
 from .runtime.modules import FakeQuantLinear, QuantLinear
 
 FORMAT, FORMAT_VERSION = "abqc-artifact", 1
 PLAN, WEIGHTS = "plan.json", "model.safetensors"
 # the only classes a plan may name: never resolve a class from a string an artifact supplies
-MODULE_CLASSES = {"QuantLinear": QuantLinear, "FakeQuantLinear": FakeQuantLinear}
+MODULE_CLASSES = {"QuantLinear": QuantLinear, "FakeQuantLinear": FakeQuantLinear, "HadamardLinear": HadamardLinear}
 _PLAN_KEYS = {"format": str, "format_version": int, "abqc_version": str, "config": dict, "generation_config": dict,
               "report": dict, "linears": list, "aliases": dict, "tensors": dict, "buffer_dtypes": dict, "files": dict,
               "plan_sha256": str}
@@ -183,6 +186,9 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
     _prepare_target(target)
     state = model.state_dict()
     stored, aliases = _dedupe(state)
+    linears = _linear_entries(model)
+    table = {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in stored.items()}
+    _check_rebuildable(model.config, linears, _tensor_table({"tensors": table}), aliases)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
     try:
@@ -193,8 +199,7 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
         write_plan(tmp, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "abqc_version": __version__,
             "config": _config_dict(model.config), "generation_config": _generation_dict(model),
-            "report": json.loads(json.dumps(report)), "linears": _linear_entries(model), "aliases": aliases,
-            "tensors": {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in stored.items()},
+            "report": json.loads(json.dumps(report)), "linears": linears, "aliases": aliases, "tensors": table,
             "buffer_dtypes": _buffer_dtypes(model, state),
             "files": files,
         })
@@ -290,7 +295,12 @@ def _swap_linear(model: nn.Module, entry) -> None:
         old = model.get_submodule(path)
     except AttributeError as e:
         raise ArtifactError(f"plan.json names linear {path!r}, which the model built from the config lacks") from e
-    new = MODULE_CLASSES[entry["class"]].from_spec(spec, device="meta")
+    try:
+        new = MODULE_CLASSES[entry["class"]].from_spec(spec, device="meta")
+    except AbqcError:
+        raise
+    except Exception as e:   # a spec value of the wrong type reaches torch.empty and raises anything
+        raise ArtifactError(f"plan.json linear {path}: spec {spec!r} does not build a {entry['class']}: {e}") from e
     if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (new.in_features, new.out_features):
         raise ArtifactError(f"plan.json linear {path} is {new.in_features}->{new.out_features} but the model built "
                             f"from the config has {old!r} there; the artifact is inconsistent, re-save it")
@@ -298,24 +308,41 @@ def _swap_linear(model: nn.Module, entry) -> None:
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def _check_against_model(model: nn.Module, table: dict, aliases: dict) -> None:
+def _mismatch(model: nn.Module, table: dict, aliases: dict) -> str | None:
+    """How the stored tensors (table + aliases) differ from the state dict of `model`; None if they fit it."""
     expected = model.state_dict()
-    if not all(isinstance(k, str) and isinstance(v, str) and v in table for k, v in aliases.items()):
-        raise ArtifactError(f"plan.json aliases must map names to stored tensors, got {aliases!r}")
     have = set(table) | set(aliases)
     missing, extra = sorted(set(expected) - have), sorted(have - set(expected))
     if missing or extra or set(table) & set(aliases):
-        raise ArtifactError(f"artifact tensors do not match the model its config builds: missing {missing[:5]}, "
-                            f"unexpected {extra[:5]}; the artifact is incomplete or tampered with, re-save it")
+        return f"tensors missing {missing[:5]}, unexpected {extra[:5]}"
     exact = {f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, QuantLinear) for n, _ in m.named_buffers()}
     for name, t in expected.items():
         shape, dtype = table[aliases.get(name, name)]
         if shape != tuple(t.shape):
-            raise ArtifactError(f"artifact tensor {name} has shape {list(shape)}, the model needs {list(t.shape)}")
+            return f"tensor {name} has shape {list(shape)}, the model needs {list(t.shape)}"
         ok = dtype == _dtype_name(t.dtype) or (name not in exact and t.is_floating_point()
                                                and getattr(torch, dtype, None) in _FLOAT_DTYPES)
         if not ok:
-            raise ArtifactError(f"artifact tensor {name} has dtype {dtype}, the model needs {_dtype_name(t.dtype)}")
+            return f"tensor {name} has dtype {dtype}, the model needs {_dtype_name(t.dtype)}"
+    return None
+
+
+def _check_against_model(model: nn.Module, table: dict, aliases: dict) -> None:
+    if not all(isinstance(k, str) and isinstance(v, str) and v in table for k, v in aliases.items()):
+        raise ArtifactError(f"plan.json aliases must map names to stored tensors, got {aliases!r}")
+    problem = _mismatch(model, table, aliases)
+    if problem:
+        raise ArtifactError(f"the artifact does not match the model its config builds: {problem}; it is "
+                            "incomplete or tampered with, re-save it")
+
+
+def _check_rebuildable(config, linears: list, table: dict, aliases: dict) -> None:
+    """Refuse at save time what load could not rebuild (a module the config and plan do not describe)."""
+    problem = _mismatch(_build(config, linears, check_only=True), table, aliases)
+    if problem:
+        raise ArtifactError(f"this model cannot be saved as an abqc artifact: rebuilt from its config and plan it "
+                            f"would differ ({problem}); only the model's own modules and "
+                            f"{', '.join(MODULE_CLASSES)} can be saved")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

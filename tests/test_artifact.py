@@ -123,6 +123,26 @@ def test_bf16_model_keeps_dtypes(tmp_path):
     assert torch.equal(logits(loaded), logits(q))
 
 
+@pytest.mark.parametrize("lower", ["lower", "lower_fake"])
+def test_rotated_model_round_trips(tmp_path, lower):
+    """Online Hadamards (the rotate pass) travel in the module specs; an FP down behind one is a HadamardLinear."""
+    q = abqc.compile(tiny_model("llama"), bits="w4a8,1.down=w16a16", passes=["rotate", "rtn", lower], progress=False)
+    assert type(q.model.model.layers[1].mlp.down_proj).__name__ == "HadamardLinear"
+    q.save(tmp_path / "r")
+    loaded, _, _ = abqc.load(tmp_path / "r")
+    assert loaded.model.model.layers[0].mlp.down_proj.pre is not None
+    assert type(loaded.model.model.layers[1].mlp.down_proj).__name__ == "HadamardLinear"
+    assert torch.equal(logits(loaded), logits(q))
+
+
+def test_save_refuses_what_load_cannot_rebuild(saved, tmp_path):
+    q = abqc.compile(tiny_model("llama"), bits="w4a8", passes=RTN, progress=False)
+    q.model.model.norm.register_buffer("extra", torch.zeros(2))   # state the config does not describe
+    with pytest.raises(AbqcError, match=r"cannot be saved .*unexpected \['model.norm.extra'\]"):
+        q.save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_tokenizer_saved_and_model_sources_still_load(tmp_path):
     q = abqc.compile(tiny_model("llama"), bits="w4a8", passes=RTN, progress=False)
     tok = tiny_tokenizer()

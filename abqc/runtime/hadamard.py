@@ -342,5 +342,18 @@ class HadamardLinear(nn.Linear):
                 new.bias.copy_(linear.bias)
         return new.to(linear.weight.device)
 
+    def spec(self) -> dict:
+        """JSON-able config; `from_spec` rebuilds the module with empty tensors for a state dict to fill."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "pre": self.pre.spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "HadamardLinear":
+        if not isinstance(spec, dict) or set(spec) != {"in_features", "out_features", "bias", "pre"}:
+            raise AbqcError("a HadamardLinear spec is {'in_features', 'out_features', 'bias', 'pre'}, "
+                            f"got {spec!r}: re-save the model")
+        return cls(spec["in_features"], spec["out_features"], OnlineHadamard.from_spec(spec["pre"], device),
+                   spec["bias"] is True, device=device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.pre(x))
