@@ -58,6 +58,7 @@ MODULE_CLASSES = {"QuantLinear": QuantLinear, "FakeQuantLinear": FakeQuantLinear
 _PLAN_KEYS = {"format": str, "format_version": int, "abqc_version": str, "config": dict, "generation_config": dict,
               "report": dict, "linears": list, "aliases": dict, "tensors": dict, "buffer_dtypes": dict, "files": dict,
               "plan_sha256": str}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -97,12 +98,14 @@ def read_plan(directory: str | Path) -> dict:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror or e}; pass a folder written by CompiledModel.save") from e
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}; pass a folder written by "
+                            "CompiledModel.save") from e
     try:
         text = raw.decode("ascii")
         plan = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({type(e).__name__}): the artifact is corrupt; re-save it") from e
+        raise ArtifactError(f"{path} is not valid JSON ({type(e).__name__}): the artifact is corrupt; "
+                            "re-save it") from e
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise ArtifactError(f"{path} lacks the abqc format marker (format: {FORMAT!r}): it is not an abqc "
                             "artifact plan or it is corrupt; re-save the model with CompiledModel.save")
@@ -117,7 +120,8 @@ def read_plan(directory: str | Path) -> dict:
                             "re-save the model")
     for key, kind in _PLAN_KEYS.items():
         if not isinstance(plan.get(key), kind):
-            raise ArtifactError(f"{path}: key {key!r} must be a {kind.__name__}; the artifact is inconsistent, re-save it")
+            raise ArtifactError(f"{path}: key {key!r} must be a {kind.__name__}; the artifact is inconsistent, "
+                                "re-save it")
     return plan
 
 
@@ -188,7 +192,8 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
     stored, aliases = _dedupe(state)
     linears = _linear_entries(model)
     table = {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in stored.items()}
-    _check_rebuildable(model.config, linears, _tensor_table({"tensors": table}), aliases)
+    config = _config_dict(model.config)
+    _check_rebuildable(_config({"config": config}), linears, _tensor_table({"tensors": table}), aliases)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
     try:
@@ -198,7 +203,7 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         write_plan(tmp, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "abqc_version": __version__,
-            "config": _config_dict(model.config), "generation_config": _generation_dict(model),
+            "config": config, "generation_config": _generation_dict(model),
             "report": json.loads(json.dumps(report)), "linears": linears, "aliases": aliases, "tensors": table,
             "buffer_dtypes": _buffer_dtypes(model, state),
             "files": files,
@@ -343,9 +348,6 @@ def _check_rebuildable(config, linears: list, table: dict, aliases: dict) -> Non
         raise ArtifactError(f"this model cannot be saved as an abqc artifact: rebuilt from its config and plan it "
                             f"would differ ({problem}); only the model's own modules and "
                             f"{', '.join(MODULE_CLASSES)} can be saved")
-
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _read_tensors(path: Path, table: dict) -> dict:
