@@ -14,7 +14,7 @@ from .bits import parse_bits
 from .capture import capture
 from .errors import AbqcError, DataError
 from .models import check_finite, check_supported
-from .passes import DEFAULT_PIPELINE, REGISTRY, PassContext, run_passes
+from .passes import CALIBRATED, METHODS, REGISTRY, PassContext, run_passes
 
 
 class CompiledModel(nn.Module):
@@ -70,18 +70,34 @@ class CompiledModel(nn.Module):
         return path
 
 
-def _resolve_passes(passes) -> list:
+def _resolve_passes(passes, options: dict) -> list:
     out = []
     for p in passes:
         if isinstance(p, str):
             if p not in REGISTRY:
                 raise AbqcError(f"unknown pass {p!r}: available passes are {', '.join(REGISTRY)}")
-            out.append(REGISTRY[p]())
+            out.append(REGISTRY[p](options))
         elif callable(p):
             out.append(p)
         else:
             raise AbqcError(f"a pass must be a name or a callable, got {type(p).__name__}")
     return out
+
+
+def _pipeline(method: str | None, passes) -> tuple:
+    if passes is not None and method is not None:
+        raise AbqcError("give either method= (a preset pipeline) or passes= (your own list), not both")
+    if passes is not None:
+        return tuple(passes)
+    method = method or "abq"
+    if method not in METHODS:
+        raise AbqcError(f"unknown method {method!r}; known: {', '.join(METHODS)} (or pass passes=[...])")
+    return METHODS[method]
+
+
+def _default_calib(model: nn.Module, tokenizer) -> torch.Tensor:
+    max_len = getattr(model.config, "max_position_embeddings", None) or 2048
+    return data.calibration_samples(tokenizer, n=128, seqlen=min(2048, max_len))
 
 
 def _check_inputs(model: nn.Module, calib: torch.Tensor | None) -> None:
@@ -107,29 +123,50 @@ def _check_inputs(model: nn.Module, calib: torch.Tensor | None) -> None:
 
 
 def compile(model: nn.Module, bits="w4a8", overrides: dict | None = None, calib: torch.Tensor | None = None,
-            passes=None, inplace: bool = False, seed: int = 0, act_symmetric: bool = False,
+            method: str | None = None, passes=None, calib_options: dict | None = None,
+            pass_options: dict | None = None, tokenizer=None, device: str | None = None,
+            inplace: bool = False, seed: int = 0, act_symmetric: bool = False,
             weight_symmetric: bool = False, report_dir: str | Path | None = None,
             progress: bool = True) -> CompiledModel:
     """Quantize a Hugging Face causal LM (Llama / Qwen2 / Mistral family).
 
     bits: "w4a8", "w2*a8", "w4a16g128", "w2a8,down=w4a8" ... (see abqc.bits); overrides: {selector: pair}.
-    calib: LongTensor [n, seqlen] of calibration ids (unused by RTN; calibration passes need it).
-    passes: names from abqc.passes.REGISTRY or callables; default ("rtn", "lower").
+    method: "abq" (default: sensitivity -> clip-learning with DLC+AKL -> lower), "lwc-mse", "smoothquant"
+        or "rtn" (abqc.passes.METHODS); passes=[names or callables] replaces the preset (not both).
+    calib: LongTensor [n, seqlen] of calibration ids; calibrating passes need it, or give tokenizer= and
+        128 x 2048-token samples of the shipped Wikipedia text are drawn.
+    calib_options: clip-learning recipe (abqc.passes.CalibOptions fields: epochs, lr_clip, lr_smooth,
+        samples, batch, compensation, loss, checkpoint_dir, ...); pass_options: {"sensitivity": {...},
+        "smoothquant": {...}}. device: where calibration runs (default CUDA when available).
     inplace: rewrite `model` itself instead of a deep copy.
     """
     spec = parse_bits(bits, overrides)
+    pipeline = _pipeline(method, passes)
     _check_inputs(model, calib)
+    if calib is None and any(isinstance(p, str) and p in CALIBRATED for p in pipeline):
+        if tokenizer is None:
+            needs = [p for p in pipeline if isinstance(p, str) and p in CALIBRATED]
+            raise AbqcError(f"the passes {needs} need calibration data: pass calib=abqc.data.calibration_samples("
+                            "tokenizer) or tokenizer=tok, or choose method='rtn' (no calibration)")
+        calib = _default_calib(model, tokenizer)
+        _check_inputs(model, calib)
+    options = dict(pass_options or {})
+    if calib_options:
+        options["calibrate"] = calib_options
+    resolved = _resolve_passes(pipeline, options)
     t0 = time.perf_counter()
     target = model if inplace else copy.deepcopy(model)
     captured = capture(target)
     spec.check_layers(len(captured.blocks))
     torch.manual_seed(seed)
     ctx = PassContext(spec, calib=calib, seed=seed, weight_symmetric=weight_symmetric,
-                      act_symmetric=act_symmetric, progress=progress)
-    captured, reports = run_passes(captured, ctx, _resolve_passes(passes or DEFAULT_PIPELINE))
+                      act_symmetric=act_symmetric, progress=progress, device=device)
+    captured, reports = run_passes(captured, ctx, resolved)
     report = {
         "abqc_version": __version__,
-        "bits": str(spec),
+        "bits": str(ctx.bits),
+        "method": (method or "abq") if passes is None else None,
+        "pipeline": [p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in pipeline],
         "model_type": target.config.model_type,
         "n_layers": len(captured.blocks),
         "relations": {"norm_groups": captured.blocks[0].norm_groups, "v_to_o": list(captured.blocks[0].v_to_o or []),

@@ -36,7 +36,13 @@ def grid(bits: int, symmetric: bool = False, balanced: bool = False) -> tuple[in
     return bits, 2 ** bits - 1, -1
 
 
-def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, balanced: bool):
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, balanced: bool,
+                round_fn=torch.round):
     planes, qmax, fixed_zero = grid(bits, symmetric, balanced)
     if fixed_zero >= 0:
         # symmetric: the negative half of the grid has fixed_zero levels below zero
@@ -47,13 +53,14 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bo
     else:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
         scale = ((xmax - xmin) / qmax).clamp(min=CLIP_MIN)
-        zero = (-xmin / scale).round().clamp(0, qmax)
+        zero = round_fn(-xmin / scale).clamp(0, qmax)
     return scale, zero, qmax
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+                   round_fn=torch.round) -> torch.Tensor:
     """Integer codes u = clamp(round(x / scale) + zero, 0, qmax), as float (exact integers)."""
-    return (torch.round(x / scale) + zero).clamp(0, qmax)
+    return (round_fn(x / scale) + zero).clamp(0, qmax)
 
 
 @dataclass
@@ -65,6 +72,10 @@ class QuantizedWeight:
     zero: torch.Tensor    # [N, G] int32
     planes: int
     group_size: int       # K for per-channel
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.planes,
+                               self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
@@ -80,6 +91,33 @@ def _pad_k(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x if kp == k else torch.nn.functional.pad(x, (0, kp - k))
 
 
+def _group_range(wg: torch.Tensor, k: int):
+    """Per-group (min, max) of weights viewed [N, G, g]; a padded tail group ignores its padding."""
+    g = wg.shape[-1]
+    if wg.shape[1] * g != k:
+        mask = _pad_k(torch.ones(1, k, device=wg.device), g).view(1, -1, g).bool()
+        return wg.masked_fill(~mask, math.inf).amin(-1), wg.masked_fill(~mask, -math.inf).amax(-1)
+    return wg.amin(-1), wg.amax(-1)
+
+
+def _weight_grid(w: torch.Tensor, bits: int, group_size, symmetric: bool, balanced: bool, clip_max, clip_min,
+                 round_fn):
+    """Shared by quantize_weight and the trainable path: (codes [N,G,g] float, scale [N,G], zero [N,G], g)."""
+    if w.dim() != 2:
+        raise ValueError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = group_size or k
+    wg = _pad_k(w.float(), g).view(n, -1, g)
+    xmin, xmax = _group_range(wg, k)
+    if clip_max is not None:
+        xmax = xmax * clip_max
+    if clip_min is not None:
+        xmin = xmin * clip_min
+    scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced, round_fn)
+    codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), qmax, round_fn)
+    return codes, scale, zero, g
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                     balanced: bool = False, clip_max: torch.Tensor | None = None,
                     clip_min: torch.Tensor | None = None) -> QuantizedWeight:
@@ -87,27 +125,22 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, s
 
     clip_max / clip_min ([N, G] or broadcastable factors in (0, 1]) shrink the range, as learned clipping does.
     """
-    if w.dim() != 2:
-        raise ValueError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
+    with torch.no_grad():
+        codes, scale, zero, g = _weight_grid(w.detach(), bits, group_size, symmetric, balanced,
+                                             clip_max, clip_min, torch.round)
     n, k = w.shape
-    g = group_size or k
-    wf = w.detach().float()
-    wg = _pad_k(wf, g).view(n, -1, g)
-    if g != k and k % g:
-        # padded tail group: take min/max over real elements only
-        mask = _pad_k(torch.ones(1, k), g).view(1, -1, g).bool()
-        xmax = wg.masked_fill(~mask, -math.inf).amax(-1)
-        xmin = wg.masked_fill(~mask, math.inf).amin(-1)
-    else:
-        xmax, xmin = wg.amax(-1), wg.amin(-1)
-    if clip_max is not None:
-        xmax = xmax * clip_max
-    if clip_min is not None:
-        xmin = xmin * clip_min
-    scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced)
-    codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), qmax).view(n, -1)[:, :k]
     planes = grid(bits, symmetric, balanced)[0]
-    return QuantizedWeight(codes.to(torch.int16), scale, zero.to(torch.int32), planes, g)
+    return QuantizedWeight(codes.reshape(n, -1)[:, :k].to(torch.int16), scale, zero.to(torch.int32), planes, g)
+
+
+def fake_quant_weight_ste(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                          balanced: bool = False, clip_max: torch.Tensor | None = None,
+                          clip_min: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable quantize-dequantize (straight-through rounding) with the exact arithmetic of
+    quantize_weight(...).dequantize(): what clipping and smoothing are trained through."""
+    codes, scale, zero, g = _weight_grid(w, bits, group_size, symmetric, balanced, clip_max, clip_min, round_ste)
+    n, k = w.shape
+    return ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, -1)[:, :k]
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
@@ -115,17 +148,19 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
     return quantize_weight(w, bits, group_size, symmetric, balanced).dequantize().to(w.dtype)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False):
+def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, round_fn=torch.round):
     """Per-token dynamic quantization over the last dim. Returns (codes float, scale [..., 1], zero [..., 1])."""
     xf = x.float()
-    scale, zero, qmax = _scale_zero(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric, False)
-    return quantize_codes(xf, scale, zero, qmax), scale, zero
+    scale, zero, qmax = _scale_zero(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric, False,
+                                    round_fn)
+    return quantize_codes(xf, scale, zero, qmax, round_fn), scale, zero
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = False, ste: bool = False) -> torch.Tensor:
+    """Quantize-dequantize per token; ste=True lets gradients through the rounding (calibration)."""
     if bits >= 16:
         return x
-    u, s, z = quantize_activation(x, bits, symmetric)
+    u, s, z = quantize_activation(x, bits, symmetric, round_ste if ste else torch.round)
     return ((u - z) * s).to(x.dtype)
 
 

@@ -15,7 +15,7 @@ from conftest import tiny_model
 def test_real_path_matches_fake_quant(kind, bits):
     model = tiny_model(kind)
     ids = torch.randint(0, 256, (2, 24))
-    real = abqc.compile(model, bits=bits, progress=False)
+    real = abqc.compile(model, bits=bits, method="rtn", progress=False)
     fake = abqc.compile(model, bits=bits, passes=["rtn", "lower_fake"], progress=False)
     with torch.no_grad():
         lr, lf, l0 = real(ids).logits, fake(ids).logits, model(ids).logits
@@ -24,7 +24,7 @@ def test_real_path_matches_fake_quant(kind, bits):
 
 
 def test_original_model_untouched_and_linears_lowered(tiny_llama):
-    q = abqc.compile(tiny_llama, bits="w4a8", progress=False)
+    q = abqc.compile(tiny_llama, bits="w4a8", method="rtn", progress=False)
     assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert isinstance(q.model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert q.config is q.model.config
@@ -34,13 +34,13 @@ def test_more_bits_closer_to_fp(tiny_llama):
     ids = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         ref = tiny_llama(ids).logits
-        errs = [(abqc.compile(tiny_llama, bits=b, progress=False)(ids).logits - ref).norm().item()
+        errs = [(abqc.compile(tiny_llama, bits=b, method="rtn", progress=False)(ids).logits - ref).norm().item()
                 for b in ("w2a8", "w4a8", "w8a8")]
     assert errs[0] > errs[1] > errs[2]
 
 
 def test_overrides_reach_modules(tiny_llama):
-    q = abqc.compile(tiny_llama, bits="w2a8", overrides={"down": "w4a8", "1.o": "w16a16"}, progress=False)
+    q = abqc.compile(tiny_llama, bits="w2a8", method="rtn", overrides={"down": "w4a8", "1.o": "w16a16"}, progress=False)
     l0, l1 = q.model.model.layers
     assert l0.mlp.down_proj.pair == BitPair(4, 8) and l0.self_attn.q_proj.pair == BitPair(2, 8)
     assert type(l1.self_attn.o_proj) is torch.nn.Linear      # kept FP
@@ -48,7 +48,7 @@ def test_overrides_reach_modules(tiny_llama):
 
 
 def test_report_contents(tiny_llama, tmp_path):
-    q = abqc.compile(tiny_llama, bits="w4a8,down=w8a8", report_dir=tmp_path, progress=False)
+    q = abqc.compile(tiny_llama, bits="w4a8,down=w8a8", method="rtn", report_dir=tmp_path, progress=False)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["bits"] == "w4a8,down=w8a8" and rep["n_layers"] == 2
     names = [p["name"] for p in rep["passes"]]
@@ -72,7 +72,7 @@ def test_custom_pass_callable(tiny_llama):
 
 
 def test_export_shows_runtime_ops(tiny_llama):
-    q = abqc.compile(tiny_llama, bits="w4a8", progress=False)
+    q = abqc.compile(tiny_llama, bits="w4a8", method="rtn", progress=False)
     layer = q.model.model.layers[0]
     from abqc.capture import _layer_inputs
     args, kwargs = _layer_inputs(q.model, q.model.model.layers, 8)[0]
@@ -83,14 +83,14 @@ def test_export_shows_runtime_ops(tiny_llama):
 
 
 def test_generate_runs(tiny_llama):
-    q = abqc.compile(tiny_llama, bits="w4a8", progress=False)
+    q = abqc.compile(tiny_llama, bits="w4a8", method="rtn", progress=False)
     out = q.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
 
 
 @pytest.mark.parametrize("kwargs,err,fragment", [
     ({"bits": "w9a8"}, BitSpecError, "outside 1..8"),
-    ({"bits": "w4a8", "overrides": {"7": "w8a8"}}, BitSpecError, "has 2 decoder layers"),
+    ({"bits": "w4a8", "method": "rtn", "overrides": {"7": "w8a8"}}, BitSpecError, "has 2 decoder layers"),
     ({"bits": "w4a8", "passes": ["rtn", "nope"]}, AbqcError, "unknown pass 'nope'"),
     ({"bits": "w4a8", "passes": ["lower"]}, RuntimeError, "run a quantization pass"),
     ({"bits": "w4a8", "calib": torch.randn(2, 8)}, AbqcError, "LongTensor"),
@@ -101,8 +101,8 @@ def test_bad_inputs(tiny_llama, kwargs, err, fragment):
 
 
 def test_refuses_already_quantized(tiny_llama):
-    q = abqc.compile(tiny_llama, bits="w4a8", progress=False)
+    q = abqc.compile(tiny_llama, bits="w4a8", method="rtn", progress=False)
     with pytest.raises(AbqcError, match="already compiled"):
-        abqc.compile(q, bits="w4a8")
+        abqc.compile(q, bits="w4a8", method="rtn")
     with pytest.raises(UnsupportedModelError, match="already quantized"):
-        abqc.compile(q.model, bits="w4a8")
+        abqc.compile(q.model, bits="w4a8", method="rtn")

@@ -1,16 +1,36 @@
-"""Graph passes. Each module holds one pass and states its invariant in its docstring."""
+"""Graph passes. Each module holds one pass and states its invariant in its docstring.
+
+REGISTRY maps a pass name to a factory taking the compile options
+{"calibrate": CalibOptions fields, "sensitivity": {...}, "smoothquant": {...}}; METHODS are the
+pipelines `abqc.compile(method=...)` runs.
+"""
+from .balance import balance
 from .base import PassContext, PassReport, run_passes
+from .calibrate import CalibOptions, make_calibrate
 from .lower import make_lower
 from .rotate import rotate
 from .rtn import rtn
+from .sensitivity import make_sensitivity
+from .smooth import make_smoothquant
 
-# name -> factory of a pass; `abqc.compile(passes=[...])` accepts these names or callables
 REGISTRY = {
-    "rtn": lambda: rtn,
-    "rotate": lambda: rotate,
-    "lower": lambda: make_lower("real"),
-    "lower_fake": lambda: make_lower("fake"),
+    "rotate": lambda o: rotate,
+    "balance": lambda o: balance,
+    "sensitivity": lambda o: make_sensitivity(**o.get("sensitivity", {})),
+    "smoothquant": lambda o: make_smoothquant(**o.get("smoothquant", {})),
+    "abq": lambda o: make_calibrate("abq", o.get("calibrate")),
+    "lwc-mse": lambda o: make_calibrate("lwc-mse", o.get("calibrate")),
+    "rtn": lambda o: rtn,
+    "lower": lambda o: make_lower("real"),
+    "lower_fake": lambda o: make_lower("fake"),
 }
-DEFAULT_PIPELINE = ("rtn", "lower")
+METHODS = {
+    "rtn": ("rtn", "lower"),
+    "smoothquant": ("smoothquant", "rtn", "lower"),
+    "lwc-mse": ("lwc-mse", "lower"),
+    "abq": ("sensitivity", "abq", "lower"),
+}
+CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse")   # passes that need calibration ids
 
-__all__ = ["PassContext", "PassReport", "run_passes", "rtn", "make_lower", "REGISTRY", "DEFAULT_PIPELINE"]
+__all__ = ["PassContext", "PassReport", "run_passes", "CalibOptions", "REGISTRY", "METHODS", "CALIBRATED",
+           "balance", "make_calibrate", "make_lower", "make_sensitivity", "make_smoothquant", "rotate", "rtn"]

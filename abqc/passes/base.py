@@ -14,6 +14,7 @@ import torch
 
 from ..bits import BitSpec
 from ..capture import CapturedModel
+from ..errors import AbqcError
 
 
 @dataclass
@@ -24,7 +25,19 @@ class PassContext:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     progress: bool = True
+    device: str | None = None              # where calibration runs; None: CUDA when available, else CPU
     state: dict[str, Any] = field(default_factory=dict)
+
+    def calib_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def need_calib(self, pass_name: str) -> torch.Tensor:
+        if self.calib is None:
+            raise AbqcError(f"pass {pass_name!r} needs calibration token ids: pass calib=abqc.data."
+                            "calibration_samples(tokenizer) (or tokenizer=...) to abqc.compile, or use method='rtn'")
+        return self.calib
 
 
 @dataclass
