@@ -269,3 +269,12 @@ def test_rotate_then_abq_composes():
     assert "down" in bm.pre and "up_down" not in bm.smoothing_pairs(PAIRS)
     hs = r(ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(bm.forward(x, rope, bm.weights())[0], hs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_activations_stop_calibration_naming_the_block():
+    from abqc.errors import NumericalError
+    m = tiny_model("llama")
+    with torch.no_grad():   # finite weights whose products overflow float32 in block 1
+        m.model.layers[1].post_attention_layernorm.weight.fill_(3e38)
+    with pytest.raises(NumericalError, match="block 1"):
+        abqc.compile(m, "w4a8", calib=_ids(), method="lwc-mse", calib_options=TINY, progress=False)

@@ -34,7 +34,7 @@ from .. import quant
 from ..bits import ROLES, BitPair
 from ..calib import BlockMath, BlockWeights, akl_loss, batched, dlc_loss, embed_inputs, progress, rope_tables
 from ..capture import CapturedModel
-from ..errors import AbqcError
+from ..errors import AbqcError, NumericalError
 from .base import PassContext, PassReport
 from .smooth import PAIRS, apply_smoothing, init_scales, input_absmax
 
@@ -283,7 +283,7 @@ def make_calibrate(method: str = "abq", options: CalibOptions | dict | None = No
             else:
                 info = {"layer": block.index, "compensation": block.index in comp_layers}
                 if not torch.isfinite(x_q).all() or not torch.isfinite(y_fp).all():
-                    raise AbqcError(f"block {block.index}: non-finite activations in calibration (NaN/inf) even "
+                    raise NumericalError(f"block {block.index}: non-finite activations in calibration (NaN/inf) even "
                                     "before quantizing this block; check the model's FP outputs on the calibration data")
                 w_final, clips = w_fp, {}
                 if pairs:
