@@ -145,6 +145,11 @@ def cmd_compile(args) -> int:
         q.report["eval"] = {"fp": fp, "quantized": res}
         print(_table(rows, info, res))
     q.report["model"] = {"name": info.name, "source": info.source}
+    if args.kernel_plan:
+        import torch
+        arch = args.kernel_plan if args.kernel_plan != "auto" else (None if torch.cuda.is_available() else "sm_90a")
+        plan = q.kernel_plan(arch=arch)
+        print(f"kernel plan: {len(plan)} entries (linear x M), {sum(e['source'] == 'tuned' for e in plan)} tuned")
     path = q.write_report(out)
     lower = [p for p in q.report["passes"] if p["name"].startswith("lower")]
     if lower and "compression_vs_fp16" in lower[-1]["summary"]:
@@ -254,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None, metavar="DIR",
                    help="also save the compiled model (packed weights, report, tokenizer) as an abqc artifact in DIR")
     c.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    from .codegen.config import ARCHS
+    c.add_argument("--kernel-plan", nargs="?", const="auto", default=None, choices=("auto", *ARCHS), metavar="ARCH",
+                   help="write every quantized linear's GPU kernel choice (family, tile, tuned µs from plans.json "
+                        f"or the default) per M into the report, for ARCH ({', '.join(ARCHS)}; default auto: the "
+                        "local GPU's, or sm_90a without one); never tunes")
     _eval_options(c)
     _model_options(c)
     c.set_defaults(fn=cmd_compile)

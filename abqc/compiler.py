@@ -62,6 +62,15 @@ class CompiledModel(nn.Module):
         model, report, tokenizer, info = artifact.load(directory, device, dtype)
         return cls(model, report), tokenizer, info
 
+    def kernel_plan(self, arch: str | None = None, m=None, tune: bool = False) -> list[dict]:
+        """Every quantized linear's GPU kernel family and tile per token count M (default 1, 8, 32, 128, 2048):
+        the tuned plan from plans.json with its measured µs, else the default tile (abqc.codegen.plan_report).
+        arch: e.g. "sm_90a" (default: the model's or the local GPU). tune=True times the candidates on the
+        model's GPU first; nothing tunes implicitly (.to("cuda") does not). Stored in report["kernels"]."""
+        from .codegen.plan_report import DEFAULT_M, kernel_plan
+        self.report["kernels"] = kernel_plan(self.model, arch, DEFAULT_M if m is None else m, tune)
+        return self.report["kernels"]
+
     def write_report(self, directory: str | Path) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

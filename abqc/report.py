@@ -215,22 +215,41 @@ def section_loss(report: dict) -> str:
     return _png(fig)
 
 
+def _kernel_row(e: dict) -> list:
+    """layer, role, bits, N×K, M, family, tile, µs (tuned) / "default" (untuned) / "—" (no bit-plane kernel)."""
+    tile = e.get("tile")
+    us = e.get("us")
+    if isinstance(us, (int, float)) and not isinstance(us, bool):
+        timing = f"{us:.2f}"
+    else:
+        timing = "default" if str(e.get("source", "")).startswith("default") else "—"
+    shape = f"{e['n']}×{e['k']}" if "n" in e and "k" in e else e.get("shape", "")
+    return [e.get("layer", ""), e.get("role", ""), e.get("bits", ""), shape, e.get("m", ""), e.get("family", ""),
+            ",".join(map(str, tile)) if isinstance(tile, (list, tuple)) else (tile or ""), timing]
+
+
 def section_kernels(report: dict) -> str:
-    rows = []
-    for p in report.get("passes") or []:
-        if not isinstance(p, dict):
-            continue
-        for r in p.get("details") or []:
-            if isinstance(r, dict) and ("tile" in r or "kernel" in r):
-                rows.append([f"{r.get('layer', '')}.{r.get('role', '')}", r.get("bits", ""), r.get("shape", ""),
-                             r.get("kernel", ""), r.get("tile", "")])
-    for r in report.get("kernels") or []:
-        if isinstance(r, dict):
-            rows.append([r.get("linear", r.get("layer", "")), r.get("bits", ""), r.get("shape", ""),
-                         r.get("kernel", r.get("family", "")), r.get("tile", "")])
-    if not rows:
-        return _na("no GPU kernel plans in the report (the CPU reference runs; plans are chosen on a CUDA device)")
-    return _table(["linear", "bits", "shape", "kernel", "tile"], rows)
+    entries = [e for e in report.get("kernels") or [] if isinstance(e, dict)]
+    if not entries:   # reports without report["kernels"]: kernel rows a pass put in its details
+        entries = [{**r, "family": r.get("kernel", "")} for p in report.get("passes") or [] if isinstance(p, dict)
+                   for r in p.get("details") or [] if isinstance(r, dict) and ("tile" in r or "kernel" in r)]
+    if not entries:
+        return _na("no kernel plan in the report (CompiledModel.kernel_plan(arch=...) or abqc compile --kernel-plan)")
+    sources = {}
+    for e in entries:
+        src = str(e.get("source", "unspecified"))
+        sources[src] = sources.get(src, 0) + 1
+    archs = sorted({str(e["arch"]) for e in entries if e.get("arch")})
+    devices = sorted({str(e["device"]) for e in entries if e.get("device")})
+    head = (f"<p>Target {html.escape(', '.join(archs) or '?')}; "
+            + html.escape(", ".join(f"{n} {s}" for s, n in sorted(sources.items())))
+            + (f"; times measured on {html.escape(', '.join(devices))}" if devices else "")
+            + ". µs: one call (activation packing + bit-plane kernel) of the tuned choice.</p>")
+    differ = sum(1 for e in entries if e.get("runtime_tile") is not None and e.get("runtime_tile") != e.get("tile"))
+    note = (f"<p>{differ} choices differ from the tile QuantLinear launches today (its fixed tile or the default): "
+            "the runtime does not read plans.json yet.</p>" if differ else "")
+    table = _table(["layer", "role", "bits", "N×K", "M", "family", "tile", "µs"], [_kernel_row(e) for e in entries])
+    return head + table + note
 
 
 SECTIONS = [("Overview", section_overview), ("Perplexity", section_ppl),

@@ -4,6 +4,12 @@ ABQC_CACHE/plans.json. With tuning off, `abqc.runtime.cuda.default_tile` is used
 
 Families now: "bmma" (GEMM, tokens in the MMA N dimension) and "gemv" (per-channel decode, activation
 planes in the MMA N dimension). Hopper wgmma and INT8-unpack families are to compete here when they land.
+
+plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
+one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
+"device" (the GPU that measured it) and "candidates" (how many tiles were timed) in plans tuned since
+those two were added; readers use .get for them, so older caches stay valid. An entry without a usable
+tile is ignored (re-tuned or defaulted). abqc.codegen.plan_report lists a model's choices.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import threading
 
 import torch
 
+from ..errors import AbqcError
 from ..models import cache_dir
 from .config import gemv_channel_tiles, gemv_tokens, token_tile_choices
 from .layout import steps_per_group
@@ -19,7 +26,7 @@ from .layout import steps_per_group
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 _LOCK = threading.Lock()
-_PLANS: dict | None = None
+_PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 
 
 def m_bucket(m: int) -> int:
@@ -31,14 +38,21 @@ def _path():
 
 
 def _load() -> dict:
-    global _PLANS
-    if _PLANS is None:
-        p = _path()
+    p = _path()
+    if p not in _PLANS:
         try:
-            _PLANS = json.loads(p.read_text()) if p.exists() else {}
+            plans = json.loads(p.read_text()) if p.exists() else {}
         except (OSError, json.JSONDecodeError):
-            _PLANS = {}      # a damaged cache only costs re-tuning
-    return _PLANS
+            plans = {}      # a damaged cache only costs re-tuning
+        _PLANS[p] = plans if isinstance(plans, dict) else {}
+    return _PLANS[p]
+
+
+def _usable(plan) -> bool:
+    """A cached plan names a tile the runtime can launch: [family, ints...]."""
+    tile = plan.get("tile") if isinstance(plan, dict) else None
+    return (isinstance(tile, list) and len(tile) >= 3 and isinstance(tile[0], str)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in tile[1:]))
 
 
 def plan_key(n, kw, group_words, p, q, m, arch) -> str:
@@ -83,13 +97,13 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
     from ..runtime.cuda import default_tile
     key = plan_key(n, kw, group_words, p, q, m, arch)
     plans = _load()
-    if key in plans:
+    if _usable(plans.get(key)):
         return plans[key]
     groups = kw // group_words
     if not tune:
         tile = default_tile(m, p, q, n, groups * steps_per_group(group_words), groups)
         return {"family": tile[0], "tile": list(tile), "us": None, "tuned": False}
-    best = None
+    best, timed = None, 0
     for tile in candidates(p, q, m, groups):
         try:
             us = time_us(lambda: run(tile))
@@ -97,7 +111,12 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
             continue
         if best is None or us < best[1]:
             best = (tile, us)
-    plan = {"family": best[0][0], "tile": list(best[0]), "us": round(best[1], 3), "tuned": True}
+        timed += 1
+    if best is None:
+        raise AbqcError(f"no kernel tile could run for {key}: every candidate failed to launch; run without "
+                        "tuning (runtime.cuda.default_tile) and report this shape")
+    plan = {"family": best[0][0], "tile": list(best[0]), "us": round(best[1], 3), "tuned": True,
+            "device": torch.cuda.get_device_name(), "candidates": timed}
     with _LOCK:
         plans[key] = plan
         try:

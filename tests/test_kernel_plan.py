@@ -1,0 +1,152 @@
+"""Kernel plan report: every quantized linear's kernel family/tile per M, from plans.json when tuned, else the
+default tile; stored in report["kernels"], rendered by abqc report, written by abqc compile --kernel-plan."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import abqc
+from abqc import cli
+from abqc.bits import ROLES
+from abqc.codegen import plan_report, planner
+from abqc.codegen.layout import steps_per_group
+from abqc.errors import AbqcError
+from abqc.report import render
+from abqc.runtime import cuda as rcuda
+
+BITS = "w4a8,down=w4a16,0.q=w2a8g32"   # per-channel, weight-only and per-group linears
+M = (1, 8, 32, 128, 2048)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABQC_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return abqc.compile(tiny_model("llama"), bits=BITS, passes=("rtn", "lower"), progress=False)
+
+
+def _fresh(compiled):
+    """A CompiledModel sharing the lowered modules but with its own report (tests write report["kernels"])."""
+    return abqc.CompiledModel(compiled.model, dict(compiled.report))
+
+
+def _expected_default(e, compiled):
+    ql = compiled.model.get_submodule(e["path"])
+    gw, groups = ql.group_words_and_count()
+    return list(rcuda.default_tile(e["m"], ql.pair.w_planes, ql.pair.a_bits, ql.out_features,
+                                   groups * steps_per_group(gw), groups))
+
+
+def test_plan_lists_every_quantized_linear_with_default_tiles(compiled, cache):
+    q = _fresh(compiled)
+    plan = q.kernel_plan(arch="sm_90a")
+    assert q.report["kernels"] is plan and json.loads(json.dumps(plan)) == plan
+    assert len(plan) == 2 * len(ROLES) * len(M)
+    assert {(e["layer"], e["role"]) for e in plan} == {(i, r) for i in range(2) for r in ROLES}
+    assert [e["m"] for e in plan[:len(M)]] == list(M) and all(e["arch"] == "sm_90a" for e in plan)
+    shapes = {(e["layer"], e["role"]): (e["n"], e["k"], e["bits"], e["group_size"]) for e in plan}
+    assert shapes[(0, "q")] == (64, 64, "w2a8g32", 32) and shapes[(1, "q")] == (64, 64, "w4a8", None)
+    assert shapes[(1, "k")] == (32, 64, "w4a8", None) and shapes[(0, "down")] == (64, 160, "w4a16", None)
+    for e in plan:
+        if e["role"] == "down":
+            assert e["family"] == plan_report.WEIGHT_ONLY and e["tile"] is None and e["source"] == "weight-only"
+            continue
+        assert e["source"] == "default (untuned)" and e["us"] is None and e["device"] is None
+        assert e["tile"] == _expected_default(e, compiled) == e["runtime_tile"] and e["family"] == e["tile"][0]
+    by = {(e["layer"], e["role"], e["m"]): e["family"] for e in plan}
+    # per-channel decode takes the GEMV family, prefill the GEMM; grouped weights never use GEMV
+    assert by[(1, "q", 1)] == "gemv" and by[(1, "q", 2048)] == "bmma" and by[(0, "q", 1)] == "bmma"
+    assert not (cache / "plans.json").exists()   # listing a plan never tunes or writes
+
+
+def test_tuned_entries_come_from_plans_json(compiled, cache):
+    # q and o of layer 1 share one planner key: N=64, 2 words of K, w4a8, M bucket 8
+    key8 = planner.plan_key(64, 2, 2, 4, 8, 8, "sm_90a")
+    key128 = planner.plan_key(64, 2, 2, 4, 8, 128, "sm_90a")
+    key_k = planner.plan_key(32, 2, 2, 4, 8, 1, "sm_90a")
+    (cache / "plans.json").write_text(json.dumps({
+        key8: {"family": "bmma", "tile": ["bmma", 8, 1], "us": 3.25, "tuned": True},     # as older caches hold
+        key128: {"family": "bmma", "tile": ["bmma", 2, 4], "us": 11.5, "tuned": True, "device": "NVIDIA H100",
+                 "candidates": 9},
+        key_k: {"family": "gemv", "tile": "broken"},                                       # unusable: ignored
+    }))
+    plan = _fresh(compiled).kernel_plan(arch="sm_90a", m=(5, 128, 1))
+    got = {(e["layer"], e["role"], e["m"]): e for e in plan}
+    small, big = got[(1, "o", 5)], got[(1, "q", 128)]
+    assert (small["source"], small["tile"], small["us"], small["m_bucket"]) == ("tuned", ["bmma", 8, 1], 3.25, 8)
+    assert small["runtime_tile"] == _expected_default(small, compiled) != small["tile"]
+    assert (big["tile"], big["us"], big["device"]) == (["bmma", 2, 4], 11.5, "NVIDIA H100")
+    assert got[(0, "o", 128)]["source"] == "tuned" and got[(0, "q", 128)]["source"] == "default (untuned)"
+    broken = got[(1, "k", 1)]
+    assert broken["source"] == "default (untuned)" and broken["tile"] == _expected_default(broken, compiled)
+    assert sum(e["source"] == "tuned" for e in plan) == 6   # q (layer 1) and o (both layers) at M 5 and 128
+    assert _fresh(compiled).kernel_plan(arch="sm_80", m=(8,))[0]["source"] == "default (untuned)"  # other arch
+
+
+def test_report_renders_the_kernel_table(compiled, cache):
+    planner_key = planner.plan_key(64, 2, 2, 4, 8, 8, "sm_90a")
+    (cache / "plans.json").write_text(json.dumps({planner_key: {"family": "bmma", "tile": ["bmma", 8, 1],
+                                                                "us": 3.25, "tuned": True, "device": "GPU-X"}}))
+    q = _fresh(compiled)
+    q.kernel_plan(arch="sm_90a", m=(1, 8))
+    page = render(json.loads(q.write_report(cache / "out").read_text()))
+    section = page.split("<h2>Kernel configs chosen</h2>")[1]
+    assert "not run" not in section and "could not render" not in section
+    assert section.count("<tr>") == 1 + 2 * len(ROLES) * 2
+    assert "<td class=\"\">3.25</td>" in section and "GPU-X" in section and "sm_90a" in section
+    assert "dequantize + matmul (no bit-plane kernel)" in section and "bmma,8,1" in section
+    assert section.count(">default<") == 2 * 6 * 2 - 3 and section.count(">—<") == 2 * 2
+    assert "differ from the tile QuantLinear launches" in section
+
+
+def test_bad_requests_raise_clear_errors(compiled, cache):
+    q = _fresh(compiled)
+    with pytest.raises(AbqcError, match="unknown GPU arch 'sm_70'"):
+        q.kernel_plan(arch="sm_70")
+    with pytest.raises(AbqcError, match="token counts >= 1"):
+        q.kernel_plan(arch="sm_90a", m=(0, 8))
+    with pytest.raises(AbqcError, match="tune=True"):
+        q.kernel_plan(arch="sm_90a", tune=True)    # no GPU, or the model is still on the CPU
+    if not torch.cuda.is_available():
+        with pytest.raises(AbqcError, match="pass arch="):
+            q.kernel_plan()
+    assert "kernels" not in q.report
+
+
+def test_cli_compile_kernel_plan_flag(cache, monkeypatch):
+    info = SimpleNamespace(name="tiny-llama", source="tests/conftest.py")
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny_model("llama"), None, info))
+    out = cache / "run"
+    assert cli.main(["compile", "--bits", "w4a8", "--method", "rtn", "--no-eval", "--quiet", "--out", str(out),
+                     "--kernel-plan"]) == 0
+    kernels = json.loads((out / "report.json").read_text())["kernels"]
+    local = rcuda.arch_of(torch.device("cuda")) if torch.cuda.is_available() else "sm_90a"
+    assert len(kernels) == 2 * len(ROLES) * len(M) and {e["arch"] for e in kernels} == {local}
+    assert cli.main(["report", str(out)]) == 0
+    assert "not run: no kernel plan" not in (out / "report.html").read_text()
+    assert cli.main(["compile", "--bits", "w4a8", "--method", "rtn", "--no-eval", "--quiet", "--out", str(out)]) == 0
+    assert "kernels" not in json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.skipif(not rcuda.available(), reason="needs a CUDA GPU (sm_80+) with the GPU extras")
+def test_gpu_tuned_plan_has_a_measured_time_for_every_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(planner, "_path", lambda: tmp_path / "plans.json")   # kernels stay in the usual cache
+    q = abqc.compile(tiny_model("llama"), bits="w4a8,0.q=w2a8g32", passes=("rtn", "lower"), progress=False)
+    q.to("cuda")
+    q(torch.randint(0, 256, (1, 8), device="cuda"))
+    assert not (tmp_path / "plans.json").exists() and "kernels" not in q.report   # .to / forward never tune
+    plan = q.kernel_plan(m=(1, 8), tune=True)
+    assert len(plan) == 2 * len(ROLES) * 2
+    assert all(e["source"] == "tuned" and e["us"] > 0 for e in plan)
+    assert {e["device"] for e in plan} == {torch.cuda.get_device_name()}
+    assert {e["arch"] for e in plan} == {rcuda.arch_of(torch.device("cuda"))}
+    stored = json.loads((tmp_path / "plans.json").read_text())
+    assert all(v["us"] > 0 and v["candidates"] >= 1 for v in stored.values())
+    again = q.kernel_plan(m=(1, 8))                     # no tuning: read back from plans.json
+    assert [(e["tile"], e["us"]) for e in again] == [(e["tile"], e["us"]) for e in plan]
