@@ -167,7 +167,10 @@ def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = False, s
 # ---------------------------------------------------------------- bit-planes
 
 def pack_bitplanes(codes: torch.Tensor, planes: int, pad_to: int = 32) -> torch.Tensor:
-    """Codes [R, K] (non-negative ints < 2^planes) -> int32 words [planes, R, Kp/32], Kp = K padded to pad_to."""
+    """Codes [R, K] (non-negative ints < 2^planes) -> int32 words [planes, R, Kp/32], Kp = K padded to pad_to.
+
+    Packs on the codes' device (a model quantized on the GPU is packed there) with the same integer
+    arithmetic everywhere, so the words are bit-identical on every device."""
     if pad_to % 32:
         raise ValueError("pad_to must be a multiple of 32")
     c = codes.to(torch.int64)
@@ -178,8 +181,8 @@ def pack_bitplanes(codes: torch.Tensor, planes: int, pad_to: int = 32) -> torch.
     c = _pad_k(c, pad_to)
     r, kp = c.shape
     c = c.view(r, kp // 32, 32)
-    shifts = torch.arange(32, dtype=torch.int64)
-    out = torch.empty(planes, r, kp // 32, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int64, device=c.device)
+    out = torch.empty(planes, r, kp // 32, dtype=torch.int32, device=c.device)
     for i in range(planes):
         word = (((c >> i) & 1) << shifts).sum(-1)              # < 2^32, exact in int64
         out[i] = (word - ((word >> 31) << 32)).to(torch.int32)  # reinterpret as two's-complement int32
