@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT.parent))
 import abqc  # noqa: E402
 
 IMPLS = ("fp16", "w8a8", "w2a8", "w4a4", "w4a8")
-ABQC_BITS = ("w2a8", "w4a4", "w4a8")
 GIB = 1024 ** 3
 WARM_STEPS = 3            # eager decode steps before a CUDA-graph capture (loads kernels, fills the cache)
 
@@ -304,18 +303,20 @@ def _fmt(v, digits=2) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def write_results(records: list[dict], out: Path, command: str, skipped: list[str]) -> None:
+def write_results(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps(records, indent=1))
-    (out / "e2e.md").write_text(markdown(records, command, skipped, out))
+    (out / "e2e.md").write_text(markdown(records, out))
 
 
-def markdown(records: list[dict], command: str, skipped: list[str], out: Path) -> str:
-    """The table: per (impl, batch) times, memory and speed-ups against FP16 and W8A8 of the same run."""
-    ref = {(r["impl"], r["batch"]): r for r in records}
+def markdown(records: list[dict], out: Path) -> str:
+    """The table: per (impl, batch) times, memory and speed-ups against FP16 and W8A8 of the same run,
+    the issue's targets, and the PPL check when out/e2e_ppl.json exists."""
+    ran = [r for r in records if r["status"] != "skipped"]
+    ref = {(r["impl"], r["batch"]): r for r in ran}
     first = records[0] if records else {}
     lines = [f"# End-to-end benchmark ({first.get('gpu', '?')})", "",
-             f"Command: `{command}`", "",
+             f"Command: `{first.get('command', '?')}` ({first.get('software', '?')})", "",
              f"Model: {first.get('model_shape', '?')} ({first.get('layers', '?')} layers run); "
              f"prompt {first.get('prompt', '?')} tokens, {first.get('steps', '?')} greedy decode steps, median of "
              f"{first.get('repeats', '?')} runs after a warm-up. Random weights: speed and memory only, the tokens "
@@ -324,12 +325,12 @@ def markdown(records: list[dict], command: str, skipped: list[str], out: Path) -
              "TPOT graph = one decode step with a StaticCache captured in a CUDA graph and replayed. "
              "× = reference time / this time (above 1: faster), for TTFT and for decode (graph TPOT where both "
              "rows have one, eager otherwise). Peak memory: torch.cuda.max_memory_allocated, reset before each "
-             "batch (weights + KV cache + activations). Weights: parameters and buffers as stored; abqc also keeps "
-             "the kernels' tiled copy of its packed planes on the GPU (tiled column).", "",
+             "batch (weights + KV caches + activations of that batch's runs). Weights: parameters and buffers as "
+             "stored; abqc also keeps the kernels' tiled copy of its packed planes on the GPU (tiled column).", "",
              "| impl | bits | batch | TTFT ms | TPOT ms | TPOT graph ms | tok/s | TTFT × FP16 | decode × FP16 | "
              "decode × W8A8 | peak GiB | weights GiB | weights / FP16 | tiled GiB | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    for r in ran:
         fp, i8 = ref.get(("fp16", r["batch"]), {}), ref.get(("w8a8", r["batch"]), {})
         best = r.get("tpot_graph_ms") or r.get("tpot_ms")
         tok_s = "" if not best else f"{r['batch'] * 1e3 / best:.0f}"
@@ -340,8 +341,9 @@ def markdown(records: list[dict], command: str, skipped: list[str], out: Path) -
             f"{_fmt(r['weight_gib'], 3)} | {_ratio(r['weight_gib'], fp.get('weight_gib'))} | "
             f"{_fmt(r.get('tiled_copy_gib'), 3)} | {r['note']} |")
     lines += ["", "## Issue 5 targets (batch 1)", ""] + targets(ref)
+    skipped = [f"{r['impl']} batch {r['batch']}" for r in records if r["status"] == "skipped"]
     if skipped:
-        lines += ["", "Not run: " + "; ".join(skipped)]
+        lines += ["", f"Not run (--deadline reached): {', '.join(skipped)}."]
     ppl = out / "e2e_ppl.json"
     if ppl.exists():
         p = json.loads(ppl.read_text())
@@ -368,7 +370,8 @@ def targets(ref: dict) -> list[str]:
     for name, base, goal in (("FP16", fp, 2.0), ("W8A8", i8, 1.6)):
         if base and base.get("tpot_ms"):
             b, t = _decode_pair(base, w2)
-            rows.append(f"- W2A8 decode vs {name}: {b / t:.2f}× (target ≥ {goal}×: {'met' if b / t >= goal else 'not met'})")
+            verdict = "met" if b / t >= goal else "not met"
+            rows.append(f"- W2A8 decode vs {name}: {b / t:.2f}× (target ≥ {goal}×: {verdict})")
     frac = w2["weight_gib"] / fp["weight_gib"]
     rows.append(f"- W2A8 weights / FP16 weights: {frac:.3f} (target ≤ 0.2: {'met' if frac <= 0.2 else 'not met'}); "
                 f"with the tiled copy: {(w2['weight_gib'] + (w2.get('tiled_copy_gib') or 0)) / fp['weight_gib']:.3f}")
@@ -377,61 +380,83 @@ def targets(ref: dict) -> list[str]:
 
 # ---------------------------------------------------------------- runs
 
+def software() -> str:
+    import transformers
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, abqc {abqc.__version__}"
+
+
 def hardware(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
 
 
+def measure_record(model, base: dict, ids: torch.Tensor, args, build_note: str, wgib: float) -> dict:
+    """One (impl, batch) record; a failure is recorded, not raised, so the other points still run."""
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rec = {**base, "batch": ids.shape[0], "weight_gib": round(wgib, 4), "tpot_graph_ms": None}
+    try:
+        m = measure(model, ids, args.steps, args.repeats, not args.no_graphs)
+        rec.update(status="ok", ttft_ms=round(m["ttft_ms"], 3), tpot_ms=round(m["tpot_ms"], 3),
+                   static_tokens_match=m.get("static_tokens_match"), note="; ".join([build_note, *m["notes"]]))
+        if m["tpot_graph_ms"] is not None:
+            rec["tpot_graph_ms"] = round(m["tpot_graph_ms"], 3)
+    except Exception as e:
+        rec.update(status="failed", ttft_ms=None, tpot_ms=None, note=f"{build_note}; failed: {_line(e)}")
+    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3) if device.type == "cuda" else None
+    tiled = runtime_copy_bytes(model)
+    rec["tiled_copy_gib"] = round(tiled / GIB, 4) if tiled else None
+    return rec
+
+
 def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command: str) -> list[dict]:
-    out, records, skipped = Path(args.out), [], []
+    out, records = Path(args.out), []
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(0, shape.vocab, (b, args.prompt), generator=gen) for b in args.batches}
+
+    def late() -> bool:
+        return bool(args.deadline) and time.perf_counter() - t_start > args.deadline
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
     for impl in args.impls:
-        if args.deadline and time.perf_counter() - t_start > args.deadline:
-            skipped.append(f"{impl} (deadline {args.deadline} s reached)")
-            write_results(records, out, command, skipped)
-            continue
-        print(f"[{time.perf_counter() - t_start:6.0f} s] building {impl}", flush=True)
         base = {"gpu": hardware(device), "model_shape": shape.describe(), "impl": impl,
                 "bits": "w16a16" if impl == "fp16" else impl, "layers": shape.layers, "prompt": args.prompt,
-                "steps": args.steps, "repeats": args.repeats}
+                "steps": args.steps, "repeats": args.repeats, "command": command, "software": software()}
+        empty = {"ttft_ms": None, "tpot_ms": None, "peak_mem_gib": None, "weight_gib": None}
+        if late():
+            records += [{**base, **empty, "batch": b, "status": "skipped", "note": "not run: --deadline reached"}
+                        for b in args.batches]
+            write_results(records, out)
+            continue
+        log(f"building {impl}")
         try:
             model, build_note = build(impl, shape, device, dtype, args.seed, args.w8a8_eager)
         except Exception as e:
-            records += [{**base, "batch": b, "ttft_ms": None, "tpot_ms": None, "peak_mem_gib": None,
-                         "weight_gib": None, "note": f"build failed: {_line(e)}"} for b in args.batches]
-            write_results(records, out, command, skipped)
+            records += [{**base, **empty, "batch": b, "status": "failed", "note": f"build failed: {_line(e)}"}
+                        for b in args.batches]
+            write_results(records, out)
             continue
         wgib = weight_bytes(model) / GIB
         for b in args.batches:
-            if args.deadline and time.perf_counter() - t_start > args.deadline:
-                skipped.append(f"{impl} batch {b} (deadline)")
+            if late():
+                records.append({**base, **empty, "batch": b, "status": "skipped",
+                                "note": "not run: --deadline reached"})
                 continue
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            rec = {**base, "batch": b, "weight_gib": round(wgib, 4)}
-            try:
-                m = measure(model, prompts[b].to(device), args.steps, args.repeats, not args.no_graphs)
-                rec.update(ttft_ms=round(m["ttft_ms"], 3), tpot_ms=round(m["tpot_ms"], 3),
-                           tpot_graph_ms=None if m["tpot_graph_ms"] is None else round(m["tpot_graph_ms"], 3),
-                           static_tokens_match=m.get("static_tokens_match"), note="; ".join([build_note, *m["notes"]]))
-            except Exception as e:
-                rec.update(ttft_ms=None, tpot_ms=None, note=f"{build_note}; failed: {_line(e)}")
-            rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3) \
-                if device.type == "cuda" else None
-            tiled = runtime_copy_bytes(model)
-            rec["tiled_copy_gib"] = round(tiled / GIB, 4) if tiled else None
+            rec = measure_record(model, base, prompts[b].to(device), args, build_note, wgib)
             records.append(rec)
-            write_results(records, out, command, skipped)
-            print(f"[{time.perf_counter() - t_start:6.0f} s] {impl:>5} batch {b:>3}: TTFT {_fmt(rec['ttft_ms'])} ms, "
-                  f"TPOT {_fmt(rec['tpot_ms'])} ms (graph {_fmt(rec.get('tpot_graph_ms'))}), peak "
-                  f"{_fmt(rec['peak_mem_gib'])} GiB, weights {wgib:.3f} GiB", flush=True)
+            write_results(records, out)
+            log(f"{impl:>5} batch {b:>3}: TTFT {_fmt(rec['ttft_ms'])} ms, TPOT {_fmt(rec['tpot_ms'])} ms "
+                f"(graph {_fmt(rec['tpot_graph_ms'])}), peak {_fmt(rec['peak_mem_gib'])} GiB, weights {wgib:.3f} GiB"
+                + ("" if rec["status"] == "ok" else f" -- {rec['note']}"))
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    write_results(records, out, command, skipped)
+    write_results(records, out)
     return records
 
 
@@ -478,6 +503,8 @@ def parse_args(argv):
     ap.add_argument("--ppl-limit", type=int, default=8, help="evaluation windows of the PPL check")
     ap.add_argument("--ppl-seqlen", type=int, default=2048)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shape (2 layers, hidden 256), batch 1")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite --out/e2e.md from --out/e2e.json (and e2e_ppl.json when present)")
     args = ap.parse_args(argv)
     dry = args.dry_run
     for name, full, small in (("batches", [1, 8, 32], [1]), ("prompt", 512, 8), ("steps", 64, 2),
@@ -495,6 +522,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = "python benchmarks/e2e.py " + " ".join(shlex.quote(a) for a in argv)
+    out = Path(args.out)
+    if args.render:
+        if not (out / "e2e.json").exists():
+            print(f"benchmarks/e2e.py: error: {out / 'e2e.json'} does not exist: run the benchmark first",
+                  file=sys.stderr)
+            return 2
+        write_results(json.loads((out / "e2e.json").read_text()), out)
+        return 0
     if not args.dry_run:
         from abqc.runtime import cuda as rcuda
         if not torch.cuda.is_available():
@@ -514,9 +549,11 @@ def main(argv=None) -> int:
     shape = dataclasses.replace(base, layers=args.layers or base.layers)
     device = torch.device("cpu" if args.dry_run else "cuda")
     records = bench(args, device, torch.float16, shape, command)
-    failed = [r for r in records if r.get("ttft_ms") is None]
-    print(f"{len(records)} records, {len(failed)} failed: {Path(args.out) / 'e2e.json'}, {Path(args.out) / 'e2e.md'}")
-    return 1 if failed else 0
+    count = {k: sum(r["status"] == k for r in records) for k in ("ok", "failed", "skipped")}
+    print("\n".join(targets({(r["impl"], r["batch"]): r for r in records if r["status"] == "ok"})))
+    print(f"{count['ok']} measured, {count['failed']} failed, {count['skipped']} skipped: {out / 'e2e.json'}, "
+          f"{out / 'e2e.md'}")
+    return 1 if count["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_dry_run_measures_every_kind_of_implementation(tmp_path):
     for r in records:
         assert {"gpu", "model_shape", "impl", "bits", "batch", "ttft_ms", "tpot_ms", "peak_mem_gib", "weight_gib",
                 "layers", "note"} <= set(r)
-        assert r["batch"] == 1 and r["layers"] == 2 and "random weights" in r["model_shape"]
+        assert r["status"] == "ok" and r["batch"] == 1 and r["layers"] == 2 and "random weights" in r["model_shape"]
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0
         assert r["static_tokens_match"] is True, r["note"]      # the StaticCache decode path is the same model
     by = {r["impl"]: r for r in records}
@@ -47,6 +47,22 @@ def test_dry_run_measures_every_kind_of_implementation(tmp_path):
     md = (tmp_path / "e2e.md").read_text()
     assert "python benchmarks/e2e.py --dry-run --impls fp16 w8a8 w4a8" in md
     assert "| fp16 | w16a16 | 1 |" in md and "| w4a8 | w4a8 | 1 |" in md and "CPU (dry run)" in md
+    # --render rebuilds the same table from the JSON (how a PPL check of another command joins it)
+    (tmp_path / "e2e.md").unlink()
+    assert e2e.main(["--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "e2e.md").read_text() == md
+
+
+def test_deadline_records_what_was_skipped(tmp_path):
+    assert e2e.main(["--dry-run", "--deadline", "1e-9", "--impls", "fp16", "w2a8", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["impl"], r["status"]) for r in records] == [("fp16", "skipped"), ("w2a8", "skipped")]
+    assert "Not run (--deadline reached): fp16 batch 1, w2a8 batch 1." in (tmp_path / "e2e.md").read_text()
+
+
+def test_render_without_results_exits_2(tmp_path, capsys):
+    assert e2e.main(["--render", "--out", str(tmp_path)]) == 2
+    assert "run the benchmark first" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [[], ["--check-ppl"], ["--layers", "2"]])
@@ -101,6 +117,7 @@ def test_ppl_check_path_on_cpu():
 
 def _rec(impl, batch, ttft, tpot, graph, weight):
     return {"gpu": "G", "model_shape": "S, random weights", "impl": impl, "bits": impl, "batch": batch,
+            "status": "ok", "command": "python benchmarks/e2e.py",
             "ttft_ms": ttft, "tpot_ms": tpot, "tpot_graph_ms": graph, "peak_mem_gib": 1.0, "weight_gib": weight,
             "layers": 32, "prompt": 512, "steps": 64, "repeats": 3, "note": "n"}
 
@@ -108,7 +125,7 @@ def _rec(impl, batch, ttft, tpot, graph, weight):
 def test_markdown_ratios_and_targets(tmp_path):
     records = [_rec("fp16", 1, 40.0, 20.0, 12.0, 12.5), _rec("w8a8", 1, 30.0, 22.0, 9.0, 6.5),
                _rec("w2a8", 1, 50.0, 25.0, 5.0, 2.0), _rec("w4a4", 1, 45.0, 24.0, None, 3.5)]
-    md = e2e.markdown(records, "python benchmarks/e2e.py", [], tmp_path)
+    md = e2e.markdown(records, tmp_path)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
             if line.startswith("| ") and "TTFT" not in line}
     # columns: impl bits batch TTFT TPOT graph tok/s TTFTxFP16 decodexFP16 decodexW8A8 peak weights w/FP16 ...
@@ -121,7 +138,7 @@ def test_markdown_ratios_and_targets(tmp_path):
     (tmp_path / "e2e_ppl.json").write_text(json.dumps(
         {"model": "M", "bits": "w4a8", "method": "rtn", "windows": 8, "seqlen": 2048, "ppl_cpu": 33.0,
          "ppl_gpu": 33.5, "rel_diff": 0.5 / 33, "ok": False, "gpu": "G", "command": "c"}))
-    assert "1.515% (target <= 0.5%: NOT met)" in e2e.markdown(records, "c", [], tmp_path)
+    assert "1.515% (target <= 0.5%: NOT met)" in e2e.markdown(records, tmp_path)
 
 
 def _oracle_pack(codes: torch.Tensor, planes: int) -> torch.Tensor:
