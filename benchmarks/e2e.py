@@ -1,9 +1,10 @@
 """End-to-end benchmark: prefill latency (TTFT), decode time per output token (TPOT) and GPU memory of a
 whole LLaMA-7B-shaped model (random weights) in FP16, a torch._int_mm W8A8 baseline and abqc W2A8/W4A4/W4A8.
 
-    python benchmarks/e2e.py [--layers 32] [--batches 1 8 32] [--prompt 512] [--steps 64] [--deadline 540]
+    python benchmarks/e2e.py [--layers 32] [--batches 1 8 32] [--prompt 512] [--steps 64] [--deadline 450]
     python benchmarks/e2e.py --check-ppl       # the real default model: abqc W4A8 (RTN) PPL on GPU vs CPU
-    python benchmarks/e2e.py --dry-run         # the whole flow on CPU with a tiny shape (what the test runs)
+    python benchmarks/e2e.py --render          # rewrite e2e.md from e2e.json (+ e2e_ppl.json of a PPL check)
+    python benchmarks/e2e.py --dry-run         # the whole flow on CPU, tiny shape, written to the temp folder
 
 Every implementation starts from the same random FP16 weights (seeded; built on the meta device and filled
 on the GPU, so building takes seconds) and runs the Hugging Face forward with its KV cache:
@@ -31,6 +32,7 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,6 +172,7 @@ def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool) -
         # inplace: a 7B model and its deep copy would not both need to fit; the FP16 weights go as they are lowered
         model = abqc.compile(model, bits=impl, method="rtn", progress=False, inplace=True).to(device)
         note = "abqc RTN (no calibration; speed does not depend on it), bit-plane kernels"
+    gc.collect()    # the replaced FP16 linears may sit in reference cycles (export graphs): free them before timing
     return model, f"{note}; built in {time.perf_counter() - t0:.1f} s"
 
 
@@ -497,7 +500,8 @@ def parse_args(argv):
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode timing")
     ap.add_argument("--w8a8-eager", action="store_true", help="do not torch.compile the W8A8 quantize/dequantize")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")
-    ap.add_argument("--out", default=str(ROOT / "results"), help="folder for e2e.json / e2e.md / e2e_ppl.json")
+    ap.add_argument("--out", default=None, help="folder for e2e.json / e2e.md / e2e_ppl.json (default "
+                    "benchmarks/results; a dry run writes to the temp folder unless told)")
     ap.add_argument("--check-ppl", action="store_true",
                     help="only the correctness run: real default model, abqc w4a8 RTN, PPL on GPU vs CPU")
     ap.add_argument("--ppl-limit", type=int, default=8, help="evaluation windows of the PPL check")
@@ -511,6 +515,8 @@ def parse_args(argv):
                               ("repeats", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if dry else full)
+    if args.out is None:   # a dry run must not overwrite the committed GPU results
+        args.out = str(Path(tempfile.gettempdir()) / "abqc-e2e-dry-run" if dry else ROOT / "results")
     if min(args.batches) < 1 or args.prompt < 1 or args.steps < 1 or args.repeats < 1:
         ap.error("batches, --prompt, --steps and --repeats must be positive")
     if args.layers is not None and args.layers < 1:

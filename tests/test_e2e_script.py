@@ -60,6 +60,11 @@ def test_deadline_records_what_was_skipped(tmp_path):
     assert "Not run (--deadline reached): fp16 batch 1, w2a8 batch 1." in (tmp_path / "e2e.md").read_text()
 
 
+def test_dry_run_never_defaults_to_the_committed_results():
+    assert Path(e2e.parse_args(["--dry-run"]).out) != ROOT / "benchmarks" / "results"
+    assert Path(e2e.parse_args([]).out) == ROOT / "benchmarks" / "results"
+
+
 def test_render_without_results_exits_2(tmp_path, capsys):
     assert e2e.main(["--render", "--out", str(tmp_path)]) == 2
     assert "run the benchmark first" in capsys.readouterr().err
