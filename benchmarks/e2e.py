@@ -167,7 +167,7 @@ def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool) -
         note = "HF model as is"
     elif impl == "w8a8":
         quant, dequant, how = w8a8_kernels(device, w8a8_eager)
-        model, note = to_w8a8(model, quant, dequant), f"torch._int_mm W8A8, {how}"
+        model, note = to_w8a8(model, quant, dequant), f"torch._int_mm W8A8 (M <= 16 padded to 17), {how}"
     else:
         # inplace: a 7B model and its deep copy would not both need to fit; the FP16 weights go as they are lowered
         model = abqc.compile(model, bits=impl, method="rtn", progress=False, inplace=True).to(device)
@@ -315,11 +315,13 @@ def write_results(records: list[dict], out: Path) -> None:
 def markdown(records: list[dict], out: Path) -> str:
     """The table: per (impl, batch) times, memory and speed-ups against FP16 and W8A8 of the same run,
     the issue's targets, and the PPL check when out/e2e_ppl.json exists."""
+    records = sorted(records, key=lambda r: (IMPLS.index(r["impl"]), r["batch"]))
     ran = [r for r in records if r["status"] != "skipped"]
     ref = {(r["impl"], r["batch"]): r for r in ran}
     first = records[0] if records else {}
-    lines = [f"# End-to-end benchmark ({first.get('gpu', '?')})", "",
-             f"Command: `{first.get('command', '?')}` ({first.get('software', '?')})", "",
+    runs = list(dict.fromkeys(f"`{r['command']}` ({r['software']}, {r['gpu']})" for r in records))
+    lines = [f"# End-to-end benchmark ({', '.join(sorted({r['gpu'] for r in records})) or '?'})", "",
+             ("Command: " if len(runs) == 1 else "Commands (merged with --append): ") + "; ".join(runs), "",
              f"Model: {first.get('model_shape', '?')} ({first.get('layers', '?')} layers run); "
              f"prompt {first.get('prompt', '?')} tokens, {first.get('steps', '?')} greedy decode steps, median of "
              f"{first.get('repeats', '?')} runs after a warm-up. Random weights: speed and memory only, the tokens "
@@ -415,9 +417,13 @@ def measure_record(model, base: dict, ids: torch.Tensor, args, build_note: str, 
 
 def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command: str) -> list[dict]:
     out, records = Path(args.out), []
+    if args.append and (out / "e2e.json").exists():
+        redo = {(i, b) for i in args.impls for b in args.batches}
+        records = [r for r in json.loads((out / "e2e.json").read_text()) if (r["impl"], r["batch"]) not in redo]
     t_start = time.perf_counter()
-    gen = torch.Generator().manual_seed(args.seed)
-    prompts = {b: torch.randint(0, shape.vocab, (b, args.prompt), generator=gen) for b in args.batches}
+    # one generator per batch size: a point's prompt does not depend on which other points run
+    prompts = {b: torch.randint(0, shape.vocab, (b, args.prompt), generator=torch.Generator().manual_seed(
+        args.seed * 1000 + b)) for b in args.batches}
 
     def late() -> bool:
         return bool(args.deadline) and time.perf_counter() - t_start > args.deadline
@@ -500,6 +506,8 @@ def parse_args(argv):
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode timing")
     ap.add_argument("--w8a8-eager", action="store_true", help="do not torch.compile the W8A8 quantize/dequantize")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the records of --out/e2e.json that this run does not redo (finish a run in parts)")
     ap.add_argument("--out", default=None, help="folder for e2e.json / e2e.md / e2e_ppl.json (default "
                     "benchmarks/results; a dry run writes to the temp folder unless told)")
     ap.add_argument("--check-ppl", action="store_true",

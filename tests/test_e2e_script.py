@@ -65,6 +65,20 @@ def test_dry_run_never_defaults_to_the_committed_results():
     assert Path(e2e.parse_args([]).out) == ROOT / "benchmarks" / "results"
 
 
+def test_append_merges_runs_and_replaces_redone_points(tmp_path):
+    def run(*extra):
+        assert e2e.main(["--dry-run", "--deadline", "1e-9", "--out", str(tmp_path), *extra]) == 0
+        return [(r["impl"], r["batch"], r["command"]) for r in json.loads((tmp_path / "e2e.json").read_text())]
+
+    run("--impls", "w4a8", "--batches", "1", "2")
+    assert [r[:2] for r in run("--append", "--impls", "fp16")] == [("w4a8", 1), ("w4a8", 2), ("fp16", 1)]
+    merged = run("--append", "--impls", "w4a8", "--batches", "2")
+    assert [r[:2] for r in merged] == [("w4a8", 1), ("fp16", 1), ("w4a8", 2)] and "--append" in merged[2][2]
+    md = (tmp_path / "e2e.md").read_text()
+    assert "Commands (merged with --append): " in md and md.index("fp16 batch 1") < md.index("w4a8 batch 1")
+    assert len(run("--impls", "fp16")) == 1                      # without --append a run starts afresh
+
+
 def test_render_without_results_exits_2(tmp_path, capsys):
     assert e2e.main(["--render", "--out", str(tmp_path)]) == 2
     assert "run the benchmark first" in capsys.readouterr().err
@@ -122,7 +136,7 @@ def test_ppl_check_path_on_cpu():
 
 def _rec(impl, batch, ttft, tpot, graph, weight):
     return {"gpu": "G", "model_shape": "S, random weights", "impl": impl, "bits": impl, "batch": batch,
-            "status": "ok", "command": "python benchmarks/e2e.py",
+            "status": "ok", "command": "python benchmarks/e2e.py", "software": "torch",
             "ttft_ms": ttft, "tpot_ms": tpot, "tpot_graph_ms": graph, "peak_mem_gib": 1.0, "weight_gib": weight,
             "layers": 32, "prompt": 512, "steps": 64, "repeats": 3, "note": "n"}
 
