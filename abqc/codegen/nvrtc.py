@@ -48,6 +48,7 @@ def compile_cubin(cfg: KernelConfig, use_cache: bool = True) -> bytes:
     _check(nv, err)
     # no fast-math: the activation quantizer must round exactly like the CPU reference
     opts = [f"--gpu-architecture={cfg.arch}".encode(), b"-std=c++17", b"--extra-device-vectorization"]
+    opts += [o.encode() for o in getattr(cfg, "nvrtc_options", ())]   # e.g. include paths (CUTLASS path)
     err, = nv.nvrtcCompileProgram(prog, len(opts), opts)
     _check(nv, err, prog, f"compiling {cfg.name} for {cfg.arch}")
     err, n = nv.nvrtcGetCUBINSize(prog)

@@ -120,7 +120,8 @@ def _launch(fn, grid, block, smem, args_struct, device):
     drv = _drv()
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args_struct))
     stream = torch.cuda.current_stream(device).cuda_stream
-    err, = drv.cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, smem, drv.CUstream(stream),
+    z = grid[2] if len(grid) > 2 else 1      # a third grid dimension: the CUTLASS path's K groups
+    err, = drv.cuLaunchKernel(fn, grid[0], grid[1], z, block, 1, 1, smem, drv.CUstream(stream),
                               ctypes.addressof(params), 0)
     _check(err, "cuLaunchKernel")
 
