@@ -77,11 +77,13 @@ def cuda_header_dirs() -> list[Path]:
     except ImportError as e:
         raise AbqcError(f"the CUTLASS path needs cuda-bindings (cuda.pathfinder): {_INSTALL}") from e
     out = []
-    for lib, wheel in (("cccl", "nvidia-cuda-cccl"), ("cudart", "nvidia-cuda-runtime")):
+    # CUTLASS 4.2 compiles against CCCL 3.0 (CUDA 13.0); the 13.3 cccl wheel's headers clash with cute
+    for lib, wheels in (("cccl", "'nvidia-cuda-cccl>=13.0,<13.1'"),
+                        ("cudart", "'nvidia-cuda-runtime>=13,<14' 'nvidia-cuda-crt>=13.0,<13.1'")):
         found = find_nvidia_header_directory(lib)
         if found is None:
-            raise AbqcError(f"CUTLASS needs the CUDA {lib} headers: install a CUDA toolkit (CUDA_HOME) or "
-                            f"`pip install '{wheel}>=13,<14'`")
+            raise AbqcError(f"CUTLASS needs the CUDA {lib} headers: install a CUDA 13.0 toolkit (CUDA_HOME) or "
+                            f"`pip install {wheels}`")
         out.append(Path(found))
     return out
 
