@@ -167,7 +167,7 @@ def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool) -
         note = "HF model as is"
     elif impl == "w8a8":
         quant, dequant, how = w8a8_kernels(device, w8a8_eager)
-        model, note = to_w8a8(model, quant, dequant), f"torch._int_mm W8A8 (M <= 16 padded to 17), {how}"
+        model, note = to_w8a8(model, quant, dequant), f"torch._int_mm W8A8 (on CUDA M <= 16 padded to 17), {how}"
     else:
         # inplace: a 7B model and its deep copy would not both need to fit; the FP16 weights go as they are lowered
         model = abqc.compile(model, bits=impl, method="rtn", progress=False, inplace=True).to(device)
