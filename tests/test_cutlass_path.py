@@ -10,6 +10,8 @@ the integer C equals the CPU reference bit for bit and y matches abqc.runtime.op
 import ctypes
 import itertools
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -116,9 +118,10 @@ def test_padding_and_stacked_layout_match_reference(p, q, m, n, k, gw):
     ua, uw, a, w = _planes(m, n, k, p, q, gw, 7 * p + q)
     gwp = launch.padded_group_words(gw, 128)
     assert gwp % 4 == 0 and gwp - gw < 4
-    a_rows, w_rows = launch.pad_groups(a, gw, gwp), launch.pad_groups(w, gw, gwp)
-    assert a_rows.shape == (q * m, a.shape[2] // gw * gwp) and w_rows.shape == (p * n, a_rows.shape[1])
-    c_pad = launch.stacked_reference(a_rows.view(q, m, -1), w_rows.view(p, n, -1), gwp)
+    a_rows, w_rows = launch.pad_groups(a, gw, gwp, 8), launch.pad_groups(w, gw, gwp)
+    assert a_rows.shape == (-(-q * m // 8) * 8, a.shape[2] // gw * gwp) and w_rows.shape == (p * n, a_rows.shape[1])
+    assert not a_rows[q * m:].any()
+    c_pad = launch.stacked_reference(a_rows[:q * m].view(q, m, -1), w_rows.view(p, n, -1), gwp)
     c = launch.stacked_reference(a, w, gw)
     assert torch.equal(c_pad, c)          # the zero bits added nothing
     assert c.shape[2] % 8 == 0 and not c[:, :, q * m:].any()
@@ -142,6 +145,67 @@ def test_gemm_and_reduction_compile_to_binary_mma(arch, tmp_path):
     assert "Function : abqc_cutlass_reduce_p3_q8" in r and "XOR.POPC" not in r
 
 
+HOST_CHECK = r"""
+#include <cstdio>
+#include <cstring>
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+
+// CUTLASS's own host path for the operation as cutlass_library describes it (A row-major activations,
+// B column-major weights, C column-major), split-K-parallel over the K groups, against abqc_params.
+static int check(int act_rows, int wt_rows, int k_group, int groups, long long lda, long long ldb, long long ldc) {
+  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  void *act = (void *)0x1000, *wt = (void *)0x2000;
+  int *c = (int *)0x3000;
+  typename Adapter::Arguments args(cutlass::gemm::GemmUniversalMode::kGemmSplitKParallel,
+      {act_rows, wt_rows, k_group * groups}, groups, {1, 0}, act, wt, c, c, 0, 0, 0, ldc * wt_rows,
+      lda, ldb, ldc, ldc);
+  auto under = Adapter::to_underlying_arguments(args);
+  if (GemmKernel::can_implement(under) != cutlass::Status::kSuccess) { printf("cannot implement\n"); return 1; }
+  typename GemmKernel::Params ref(under, 132, 1);
+  CutlassArgs a{act, wt, c, act_rows, wt_rows, k_group, groups, lda, ldb, ldc};
+  typename GemmKernel::Params got = abqc_params(a);
+  int bad = 0;
+#define SAME(f) if (memcmp(&ref.f, &got.f, sizeof(ref.f))) { printf("field " #f " differs\n"); ++bad; }
+  SAME(problem_size) SAME(grid_tiled_shape) SAME(swizzle_log_tile) SAME(mode) SAME(batch_count)
+  SAME(gemm_k_size) SAME(batch_stride_D) SAME(semaphore) SAME(params_A) SAME(params_B) SAME(params_C)
+  SAME(params_D) SAME(output_op) SAME(ptr_A) SAME(ptr_B) SAME(ptr_C) SAME(ptr_D) SAME(batch_stride_A)
+  SAME(batch_stride_B) SAME(batch_stride_C) SAME(ptr_gather_A_indices) SAME(ptr_gather_B_indices)
+  SAME(ptr_scatter_D_indices)
+  dim3 grid = ref.get_grid_dims();
+  if ((int)grid.x != got.grid_tiled_shape.m() || (int)grid.y != got.grid_tiled_shape.n() || (int)grid.z != groups) {
+    printf("grid differs\n"); ++bad;
+  }
+  return bad;
+}
+
+int main() {
+  // activation rows as stacked_gemm passes them: Q*M rounded up to the C alignment (8)
+  int bad = check(24, 74, 384, 3, 1152, 1152, 24) + check(8, 5, 128, 1, 128, 128, 8) +
+            check(320, 384, 1024, 2, 2048, 2048, 320) + check(64, 130, 256, 4, 1024, 1024, 64);
+  printf(bad ? "MISMATCH\n" : "OK\n");
+  return bad != 0;
+}
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (a CUDA toolkit): the host-side check "
+                                                         "builds CUTLASS's own Params on the CPU")
+def test_device_params_equal_cutlass_host_params(tmp_path):
+    """The Params the kernel entry builds on the device equal those of CUTLASS's host-only constructor
+    (through GemmUniversalAdapter's transposition, split-K-parallel over groups) field by field, the
+    problems pass GemmKernel::can_implement (alignment of K, lda/ldb, ldc), and the grid matches."""
+    cfg = cutlass_cfg.GemmConfig((64, 128, 512), 6, "sm_80")
+    src = tmp_path / "check.cu"
+    src.write_text(cfg.source() + HOST_CHECK)
+    inc = [f"-I{d}" for d in (cutlass_cfg.cutlass_include_dir(), *cutlass_cfg.cuda_header_dirs())]
+    build = subprocess.run(["nvcc", "-std=c++17", "-arch=compute_80", "-code=compute_80", *inc, "-o",
+                            str(tmp_path / "check"), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True)
+    assert run.stdout.strip().endswith("OK") and run.returncode == 0, run.stdout
+
+
 # ---------------------------------------------------------------- GPU: bit-exact against the reference
 
 PAIRS = [(1, 1), (2, 8), (3, 8), (4, 4), (2, 4), (8, 8)]
@@ -159,7 +223,7 @@ def test_gpu_stacked_c_and_accumulators_exact(p, q):
         ua, uw, a, w = _planes(m, n, k, p, q, group_words, 100 * p + q)
         gwp = launch.padded_group_words(group_words, cfg.gemm.k_align_bits)
         groups = a.shape[2] // group_words
-        c, ldc = launch.stacked_gemm(launch.pad_groups(a.cuda(), group_words, gwp),
+        c, ldc = launch.stacked_gemm(launch.pad_groups(a.cuda(), group_words, gwp, cfg.gemm.c_align),
                                      launch.prepare_weights(w.cuda(), group_words, cfg), groups, cfg.gemm)
         expect_c = launch.stacked_reference(a, w, group_words, cfg.gemm.c_align)
         assert ldc == expect_c.shape[2]

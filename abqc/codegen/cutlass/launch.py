@@ -3,11 +3,14 @@
 Data flow for a W(P)A(Q) linear, x [M, K] -> y [M, N]:
   1. activation planes [Q, M, G*gw] from the project's quant_pack kernel (abqc.runtime.cuda);
   2. pad_groups: every K group padded with zero bits to the GEMM's K alignment (128 bits for every
-     catalogue instance: its 16-byte operand accesses), giving rows [Q*M, G*gwp]; weights are padded
-     the same way once (prepare_weights). Zero bits add nothing to an AND-popcount, and the code sums
-     used by the zero-point correction are those of the unpadded codes, so padding never changes y;
+     catalogue instance: its 16-byte operand accesses), and zero rows appended up to a multiple of the
+     C alignment (8; GemmKernel::can_implement needs the output's contiguous extent, Q*M here, aligned),
+     giving rows [roundup(Q*M, 8), G*gwp]; weights are padded the same way once (prepare_weights, no
+     extra rows: P*N is not a contiguous extent). Zero bits add nothing to an AND-popcount, and the code
+     sums used by the zero-point correction are those of the unpadded codes, so padding never changes y;
   3. stacked_gemm: C[g] int32 [P*N, ldc] holds popcount(A_j AND W_i) of every plane pair at
      (i*N + n, j*M + m), all groups in one launch (split-K-parallel slices, one per group);
+     ldc = the padded activation row count;
   4. reduce: y[m, n] = a_scale[m] * sum_g w_scale[n, g] * (sum_{i,j} 2^(i+j) C[g] - zero-point terms) + bias.
 Invariant: C and the accumulators are exact integers equal to the CPU reference (abqc.runtime.ops);
 only step 4's scaling is floating point (float32, the same group_term code as the bmma kernels).
@@ -50,15 +53,17 @@ def padded_group_words(group_words: int, k_align_bits: int) -> int:
     return -(-group_words // align) * align
 
 
-def pad_groups(planes: torch.Tensor, group_words: int, padded_words: int) -> torch.Tensor:
-    """Bit-planes [X, R, G*gw] -> stacked rows int32 [X*R, G*gwp], each group zero-padded to gwp words."""
+def pad_groups(planes: torch.Tensor, group_words: int, padded_words: int, row_multiple: int = 1) -> torch.Tensor:
+    """Bit-planes [X, R, G*gw] -> stacked rows int32 [roundup(X*R, row_multiple), G*gwp]: each group
+    zero-padded to gwp words, zero rows appended after the last plane."""
     x, r, kw = planes.shape
     if kw % group_words:
         raise AbqcError(f"group_words {group_words} must divide the word count {kw}")
     rows = planes.reshape(x * r, kw // group_words, group_words)
-    if padded_words != group_words:
-        rows = torch.nn.functional.pad(rows, (0, padded_words - group_words))
-    return rows.reshape(x * r, -1).contiguous()
+    extra = -(x * r) % row_multiple
+    if padded_words != group_words or extra:
+        rows = torch.nn.functional.pad(rows, (0, padded_words - group_words, 0, 0, 0, extra))
+    return rows.reshape(x * r + extra, -1).contiguous()
 
 
 def prepare_weights(w_planes: torch.Tensor, group_words: int, cfg: GemmConfig | CutlassConfig) -> torch.Tensor:
@@ -98,8 +103,9 @@ def _check_rows(t: torch.Tensor, what: str, words_align: int) -> None:
 
 
 def stacked_gemm(a_rows: torch.Tensor, w_rows: torch.Tensor, groups: int, cfg: GemmConfig) -> tuple:
-    """One b1 AND-popc GEMM of stacked planes: a_rows [Q*M, G*gwp], w_rows [P*N, G*gwp] (int32, CUDA)
-    -> (C int32 [G, P*N, ldc], ldc). C[g, i*N + n, j*M + m] = popcount(A_j[m] AND W_i[n]) over group g."""
+    """One b1 AND-popc GEMM of stacked planes: a_rows [ldc, G*gwp] (Q*M rows, zero rows up to a multiple
+    of cfg.c_align), w_rows [P*N, G*gwp] (int32, CUDA) -> (C int32 [G, P*N, ldc], ldc) with
+    C[g, i*N + n, j*M + m] = popcount(A_j[m] AND W_i[n]) over group g."""
     rt.require_cuda("abqc.codegen.cutlass.stacked_gemm()", a_rows, w_rows)
     align = cfg.k_align_bits // 32
     _check_rows(a_rows, "activation rows", align)
@@ -109,7 +115,10 @@ def stacked_gemm(a_rows: torch.Tensor, w_rows: torch.Tensor, groups: int, cfg: G
         raise AbqcError(f"activation rows ({kw} words) and weight rows ({w_rows.shape[1]} words) must share "
                         f"{groups} groups of a multiple of {align} words: pad both with pad_groups")
     arows, wrows = a_rows.shape[0], w_rows.shape[0]
-    ldc = -(-arows // cfg.c_align) * cfg.c_align
+    if arows % cfg.c_align:
+        raise AbqcError(f"{arows} activation rows: the output's contiguous extent must be a multiple of "
+                        f"{cfg.c_align}; pad with pad_groups(..., row_multiple={cfg.c_align})")
+    ldc = arows
     dev = a_rows.device
     c = torch.empty(groups, wrows, ldc, dtype=torch.int32, device=dev)
     if arows == 0 or wrows == 0:
@@ -161,8 +170,8 @@ def bitplane_mm(a_planes: torch.Tensor, w_planes: torch.Tensor, group_words: int
     (q, m, kw), (p, n, _) = a_planes.shape, w_planes.shape
     cfg = _config(cfg, p, q, a_planes.device)
     gwp = padded_group_words(group_words, cfg.gemm.k_align_bits)
-    c, ldc = stacked_gemm(pad_groups(a_planes, group_words, gwp), pad_groups(w_planes, group_words, gwp),
-                          kw // group_words, cfg.gemm)
+    c, ldc = stacked_gemm(pad_groups(a_planes, group_words, gwp, cfg.gemm.c_align),
+                          pad_groups(w_planes, group_words, gwp), kw // group_words, cfg.gemm)
     return reduce(c, ldc, m, n, kw * 32, group_words, cfg.reduce)
 
 
@@ -177,6 +186,6 @@ def linear(x: torch.Tensor, w_rows: torch.Tensor, w_scale, w_zero, w_sum, bias, 
     if w_rows.shape != (w_planes * n, groups * gwp):
         raise AbqcError(f"weight rows {tuple(w_rows.shape)} do not match P={w_planes}, N={n}, {groups} groups "
                         f"of {gwp} words: build them with prepare_weights")
-    c, ldc = stacked_gemm(pad_groups(packed[0], group_words, gwp), w_rows, groups, cfg.gemm)
+    c, ldc = stacked_gemm(pad_groups(packed[0], group_words, gwp, cfg.gemm.c_align), w_rows, groups, cfg.gemm)
     epi = rt.epilogue_args(w_scale, w_zero, w_sum, packed, bias)
     return reduce(c, ldc, x.shape[0], n, in_features, group_words, cfg.reduce, epi, x.dtype)

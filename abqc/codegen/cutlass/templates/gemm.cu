@@ -33,12 +33,10 @@ struct CutlassArgs {
 };
 static_assert(sizeof(CutlassArgs) == 64, "CutlassArgs must match its ctypes mirror in launch.py");
 
-// Launcher entry: device pointers, sizes and leading dimensions in; the stream is the one the host
-// passes to cuLaunchKernel. Grid: (ceil(P*N / TILE_WROWS), ceil(Q*M / TILE_AROWS), G), THREADS threads,
-// SMEM_BYTES dynamic shared memory. Params are built on the device (CUTLASS's Params constructor is
-// host-only), so the cubin needs no host library.
-extern "C" __global__ void __launch_bounds__(THREADS) KERNEL_NAME(CutlassArgs a) {
-  extern __shared__ __align__(128) unsigned char smem[];
+// The kernel's Params for one launch, built as CUTLASS's host-only Params(Arguments, ...) would build
+// them for a split-K-parallel problem with the identity swizzle (tests/test_cutlass_path.py compares
+// the two on the host): the kernel is transposed, so its A is the weights and its B the activations.
+CUTLASS_HOST_DEVICE typename GemmKernel::Params abqc_params(CutlassArgs const &a) {
   typename GemmKernel::Params p;
   p.problem_size = cutlass::gemm::GemmCoord(a.wt_rows, a.act_rows, a.k_group * a.groups);
   p.grid_tiled_shape = cutlass::gemm::GemmCoord((a.wt_rows + TILE_WROWS - 1) / TILE_WROWS,
@@ -60,5 +58,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) KERNEL_NAME(CutlassArgs a)
   p.ptr_D = a.c;
   p.batch_stride_A = p.batch_stride_B = p.batch_stride_C = 0;
   p.ptr_gather_A_indices = p.ptr_gather_B_indices = p.ptr_scatter_D_indices = nullptr;
-  GemmKernel::invoke(p, *reinterpret_cast<typename GemmKernel::SharedStorage *>(smem));
+  return p;
+}
+
+// Launcher entry: device pointers, sizes and leading dimensions in; the stream is the one the host
+// passes to cuLaunchKernel. Grid: (ceil(P*N / TILE_WROWS), ceil(Q*M / TILE_AROWS), G), THREADS threads,
+// SMEM_BYTES dynamic shared memory. Params are built on the device (CUTLASS's Params constructor is
+// host-only), so the cubin needs no host library.
+extern "C" __global__ void __launch_bounds__(THREADS) KERNEL_NAME(CutlassArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  GemmKernel::invoke(abqc_params(a), *reinterpret_cast<typename GemmKernel::SharedStorage *>(smem));
 }
