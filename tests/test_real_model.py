@@ -33,11 +33,11 @@ def test_quantized_ppl_on_short_slice(default_model, eval_ids):
     model, tok, _ = default_model
     fp = abqc.evaluate(model, ids=eval_ids, seqlen=256, limit=2, progress=False)["ppl"]
     assert 5 < fp < 60          # a real language model on English Wikipedia
-    q8 = abqc.compile(model, bits="w8a8", progress=False)
+    q8 = abqc.compile(model, bits="w8a8", method="rtn", progress=False)
     p8 = abqc.evaluate(q8, ids=eval_ids, seqlen=256, limit=2, progress=False)["ppl"]
     assert abs(p8 / fp - 1) < 0.05            # W8A8 RTN is near-lossless
     del q8
-    q2 = abqc.compile(model, bits="w2a8", progress=False)
+    q2 = abqc.compile(model, bits="w2a8", method="rtn", progress=False)
     p2 = abqc.evaluate(q2, ids=eval_ids, seqlen=256, limit=2, progress=False)["ppl"]
     assert p2 > 2 * fp                         # per-channel RTN W2 is badly lossy, as expected
 
@@ -71,7 +71,7 @@ def test_any_hf_folder_loads_the_same_way(default_model, tmp_path):
     m2, tok2, info = abqc.load(str(tmp_path))
     assert info.model_type == "llama" and info.n_layers == 2 and info.source == str(tmp_path)
     ids = torch.randint(0, 256, (300,))
-    q = abqc.compile(m2, bits="w4a8", progress=False)
+    q = abqc.compile(m2, bits="w4a8", method="rtn", progress=False)
     assert abqc.evaluate(q, ids=ids, seqlen=64, progress=False)["windows"] == 4
 
 
