@@ -271,6 +271,19 @@ def test_rotate_then_abq_composes():
     torch.testing.assert_close(bm.forward(x, rope, bm.weights())[0], hs[1], rtol=1e-4, atol=1e-4)
 
 
+def test_abq_rot_method_rotates_then_calibrates():
+    """method="abq+rot" = rotate -> sensitivity -> abq -> lower: the rotation's kurtosis report is there, down_proj
+    keeps its online Hadamard, and on outlier activations it beats RTN at W4A4."""
+    m = _with_outliers(tiny_model("llama"))
+    ids, ev = _ids(8, 16, 0), _ids(4, 16, 1)
+    q = abqc.compile(m, "w4a4", calib=ids, method="abq+rot", calib_options={**TINY, "epochs": 6}, progress=False)
+    assert [p["name"] for p in q.report["passes"]] == ["rotate", "sensitivity", "abq", "lower[real]"]
+    assert q.report["passes"][0]["details"]
+    assert all(layer.mlp.down_proj.pre is not None for layer in q.model.model.layers)
+    rtn = abqc.compile(m, "w4a4", method="rtn", progress=False)
+    assert _logit_err(q, m, ev) < _logit_err(rtn, m, ev)
+
+
 def test_non_finite_activations_stop_calibration_naming_the_block():
     from abqc.errors import NumericalError
     m = tiny_model("llama")

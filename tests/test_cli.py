@@ -21,6 +21,11 @@ def _subparsers():
     return action.choices
 
 
+def test_cli_methods_are_the_compile_presets():
+    from abqc.passes import METHODS
+    assert cli.METHODS == tuple(METHODS)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit) as e:

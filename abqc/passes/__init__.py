@@ -29,6 +29,7 @@ METHODS = {
     "smoothquant": ("smoothquant", "rtn", "lower"),
     "lwc-mse": ("lwc-mse", "lower"),
     "abq": ("sensitivity", "abq", "lower"),
+    "abq+rot": ("rotate", "sensitivity", "abq", "lower"),   # Hadamard-rotated residual stream, then ABQ
 }
 CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse")   # passes that need calibration ids
 
