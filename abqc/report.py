@@ -246,8 +246,8 @@ def section_kernels(report: dict) -> str:
             + (f"; times measured on {html.escape(', '.join(devices))}" if devices else "")
             + ". µs: one call (activation packing + bit-plane kernel) of the tuned choice.</p>")
     differ = sum(1 for e in entries if e.get("runtime_tile") is not None and e.get("runtime_tile") != e.get("tile"))
-    note = (f"<p>{differ} choices differ from the tile QuantLinear launches today (its fixed tile or the default): "
-            "the runtime does not read plans.json yet.</p>" if differ else "")
+    note = (f"<p>{differ} choices differ from the tile QuantLinear launches: those layers carry a fixed "
+            "QuantLinear.tile, which the runtime prefers to the plan.</p>" if differ else "")
     table = _table(["layer", "role", "bits", "N×K", "M", "family", "tile", "µs"], [_kernel_row(e) for e in entries])
     return head + table + note
 

@@ -80,11 +80,15 @@ def test_tuned_entries_come_from_plans_json(compiled, cache):
     got = {(e["layer"], e["role"], e["m"]): e for e in plan}
     small, big = got[(1, "o", 5)], got[(1, "q", 128)]
     assert (small["source"], small["tile"], small["us"], small["m_bucket"]) == ("tuned", ["bmma", 8, 1], 3.25, 8)
-    assert small["runtime_tile"] == _expected_default(small, compiled) != small["tile"]
+    # the runtime launches the tuned tile (runtime.cuda.launch_tile reads the same plans.json)
+    assert small["runtime_tile"] == small["tile"] != _expected_default(small, compiled)
+    assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a") == ("bmma", 8, 1)
+    assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_80") == tuple(_expected_default(small, compiled))
     assert (big["tile"], big["us"], big["device"]) == (["bmma", 2, 4], 11.5, "NVIDIA H100")
     assert got[(0, "o", 128)]["source"] == "tuned" and got[(0, "q", 128)]["source"] == "default (untuned)"
     broken = got[(1, "k", 1)]
     assert broken["source"] == "default (untuned)" and broken["tile"] == _expected_default(broken, compiled)
+    assert broken["runtime_tile"] == broken["tile"]
     assert sum(e["source"] == "tuned" for e in plan) == 6   # q (layer 1) and o (both layers) at M 5 and 128
     assert _fresh(compiled).kernel_plan(arch="sm_80", m=(8,))[0]["source"] == "default (untuned)"  # other arch
 
@@ -102,7 +106,15 @@ def test_report_renders_the_kernel_table(compiled, cache):
     assert "<td class=\"\">3.25</td>" in section and "GPU-X" in section and "sm_90a" in section
     assert "dequantize + matmul (no bit-plane kernel)" in section and "bmma,8,1" in section
     assert section.count(">default<") == 2 * 6 * 2 - 3 and section.count(">—<") == 2 * 2
-    assert "differ from the tile QuantLinear launches" in section
+    assert "differ from the tile QuantLinear launches" not in section   # the runtime launches the plan
+    ql = q.model.model.layers[1].self_attn.q_proj
+    ql.tile = ("bmma", 2, 1)     # a fixed tile wins over the plan, and the page says so
+    try:
+        q.kernel_plan(arch="sm_90a", m=(1, 8))
+    finally:
+        del ql.tile
+    section = render(json.loads(q.write_report(cache / "out").read_text())).split("<h2>Kernel configs chosen</h2>")[1]
+    assert "2 choices differ from the tile QuantLinear launches" in section
 
 
 def test_bad_requests_raise_clear_errors(compiled, cache):

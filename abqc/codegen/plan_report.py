@@ -21,7 +21,6 @@ from ..errors import AbqcError
 from ..runtime.modules import QuantLinear
 from . import planner
 from .config import ARCHS
-from .layout import steps_per_group
 
 DEFAULT_M = (1, 8, 32, 128, 2048)
 WEIGHT_ONLY = "dequantize + matmul (no bit-plane kernel)"
@@ -86,14 +85,14 @@ def _runner(ql: QuantLinear, m: int):
 
 def _choice(ql: QuantLinear, m: int, arch: str, tune: bool) -> dict:
     """family / tile / us / source of one bit-plane linear at m tokens, and the tile its runtime launches."""
-    from ..runtime.cuda import default_tile
+    from ..runtime.cuda import launch_tile
     gw, groups = ql.group_words_and_count()
     p, q, n = ql.pair.w_planes, ql.pair.a_bits, ql.out_features
     run = _runner(ql, m) if tune else None
     plan = planner.choose(run, n, gw * groups, gw, p, q, m, arch, tune=tune)
     tuned = bool(plan.get("tuned", True))       # every cached entry was tuned; "tuned" may be absent in old ones
     us = plan.get("us")
-    launched = ql.tile or default_tile(m, p, q, n, groups * steps_per_group(gw), groups)
+    launched = ql.tile or launch_tile(m, p, q, n, gw * groups, gw, arch)
     return {"family": plan["tile"][0], "tile": list(plan["tile"]),
             "us": us if tuned and isinstance(us, (int, float)) and us > 0 else None,
             "source": TUNED if tuned else UNTUNED, "device": plan.get("device") if tuned else None,
@@ -111,8 +110,8 @@ def kernel_plan(model: nn.Module, arch: str | None = None, m=DEFAULT_M, tune: bo
     """Per quantized linear and token count M: {path, layer, role, n, k, bits, group_size (None: per
     channel), m, m_bucket, arch, family, tile, us, source, device, runtime_tile}.
 
-    runtime_tile is the tile QuantLinear launches today for that M (its fixed .tile, else default_tile):
-    the runtime does not read plans.json, so a tuned choice shows here before the runtime uses it."""
+    runtime_tile is the tile QuantLinear launches for that M: its fixed .tile, else the tuned plan, else
+    default_tile (runtime.cuda.launch_tile)."""
     ms = _check_m(m)
     linears = quantized_linears(model)
     arch = resolve_arch(linears, arch)

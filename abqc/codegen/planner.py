@@ -1,6 +1,8 @@
 """Kernel planner: for (N, K layout, bit pair, M bucket, arch) pick the launch tile (warps splitting K,
 token tiles per warp) by timing every candidate on first use; plans are cached in
 ABQC_CACHE/plans.json. With tuning off, `abqc.runtime.cuda.default_tile` is used (documented there).
+The runtime launches the cached plan's tile when there is one (`runtime.cuda.launch_tile`); nothing tunes
+implicitly.
 
 Families now: "bmma" (GEMM, tokens in the MMA N dimension) and "gemv" (per-channel decode, activation
 planes in the MMA N dimension). Hopper wgmma and INT8-unpack families are to compete here when they land.
@@ -57,6 +59,12 @@ def _usable(plan) -> bool:
 
 def plan_key(n, kw, group_words, p, q, m, arch) -> str:
     return f"{arch}|n{n}|kw{kw}|gw{group_words}|w{p}a{q}|m{m_bucket(m)}"
+
+
+def cached_tile(n, kw, group_words, p, q, m, arch) -> tuple | None:
+    """The tuned tile plans.json holds for this launch, or None (never tunes, never touches a GPU)."""
+    plan = _load().get(plan_key(n, kw, group_words, p, q, m, arch))
+    return tuple(plan["tile"]) if _usable(plan) else None
 
 
 def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:

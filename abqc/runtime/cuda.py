@@ -175,11 +175,20 @@ def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) 
     return "bmma", 4 if k_steps >= 8 else 2, tm
 
 
+def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch: str) -> tuple:
+    """The tile a launch without an explicit one uses: the planner's tuned choice for this (shape, bits,
+    M bucket, arch) from plans.json, else default_tile."""
+    from ..codegen.planner import cached_tile
+    groups = kw // group_words
+    return (cached_tile(n, kw, group_words, p, q, m, arch)
+            or default_tile(m, p, q, n, groups * layout.steps_per_group(group_words), groups))
+
+
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
     tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM or
-    "gemv" (per-channel, few tokens)."""
+    "gemv" (per-channel, few tokens); None: launch_tile (tuned plan, else default)."""
     require_cuda("abqc.runtime.cuda.bmma()", w_tiled, a_planes)
     q, m, kw = a_planes.shape
     nt, steps, p = w_tiled.shape[:3]
@@ -188,7 +197,7 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     if steps != groups * sg or nt * 16 < n:
         raise ValueError("tiled weights do not match the activation planes' K layout")
     dev = a_planes.device
-    family, wk, tm, *rest = tile or default_tile(m, p, q, n, steps, groups)
+    family, wk, tm, *rest = tile or launch_tile(m, p, q, n, kw, group_words, arch_of(dev))
     ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
            else torch.empty(m, n, dtype=out_dtype, device=dev))
