@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -47,7 +45,7 @@ from torch import nn
 from . import __version__
 from .capture import ROLE_OF
 from .errors import AbqcError
-from .models import SUPPORTED_TYPES, ModelInfo, check_device
+from .models import SUPPORTED_TYPES, ModelInfo, atomic_dir, check_device
 from .runtime.hadamard import HadamardLinear
 from .runtime.modules import FakeQuantLinear, QuantLinear
 
@@ -194,9 +192,7 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
     table = {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in stored.items()}
     config = _config_dict(model.config)
     _check_rebuildable(_config({"config": config}), linears, _tensor_table({"tensors": table}), aliases)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
-    try:
+    with atomic_dir(target) as tmp:
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt", "abqc_format": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -208,11 +204,6 @@ def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) 
             "buffer_dtypes": _buffer_dtypes(model, state),
             "files": files,
         })
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
