@@ -5,7 +5,7 @@
 Each (method, bits) runs as its own process (`--jobs` at a time; they share one GPU well because the
 default model is small) and leaves one JSON record in --parts; finished parts are skipped on a rerun, so an
 interrupted grid resumes. Records are merged into benchmarks/results/ppl.json (a record with the same model,
-corpus, seqlen, windows, hardware, method and bits is replaced) and benchmarks/results/ppl.md is rewritten from all records.
+corpus, seqlen, windows, hardware, method, bits and calibration recipe is replaced) and benchmarks/results/ppl.md is rewritten from all records.
 Every row of one run uses the same evaluation windows, calibration samples and seed.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT.parent))
 import abqc  # noqa: E402
 from abqc import data  # noqa: E402
 
-KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits")
+KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
 METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot")
 CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot")
 DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16", "w2a16", "w2*a16")
@@ -45,7 +45,8 @@ def _fmt(v: float) -> str:
 
 
 def _recipe(c: dict) -> str:
-    return f"{c['samples']}x{c['seqlen']}x{c['epochs']} ({c['epochs_2bit']})"
+    return (f"{c['samples']}x{c['seqlen']}x{c['epochs']} ({c['epochs_2bit']}), batch {c['batch']}, "
+            f"lr {c['lr_clip']:g}/{c['lr_smooth']:g}")
 
 
 def write_table(records: list[dict], results: Path) -> None:
@@ -68,27 +69,29 @@ def write_table(records: list[dict], results: Path) -> None:
              "(sensitivity, learned clipping + smoothing on DLC + AKL + MSE losses, rank-1 compensation); `abq+rot` "
              "the rotate pass (RMSNorm folded, randomised Hadamard rotation of the residual stream, online "
              "Hadamard on the down_proj input) before the same ABQ pipeline. "
-             "The `calib` column gives samples x tokens x epochs (2-bit epochs).", ""]
+             "Calibration recipes read samples x tokens x epochs (2-bit epochs), batch, lr clipping/smoothing.", ""]
     for key, base in fp.items():
         model, corpus, seqlen, windows, hw = key
-        rows = [r for r in records if section(r) == key]
-        methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-        recipes = sorted({_recipe(r["calib"]) for r in rows if r.get("calib")})
-        bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] != "fp16"))
-        bits.sort(key=lambda b: (DEFAULT_BITS.index(b) if b in DEFAULT_BITS else len(DEFAULT_BITS), b))
+        rows = [r for r in records if section(r) == key and r["method"] != "fp16"]
         lines += [f"## {model}, {corpus}, {windows} windows x {seqlen} tokens ({hw})", "",
-                  f"FP baseline: **{base:.3f}**" + (f"; calibration {', '.join(recipes)}" if recipes else ""), "",
-                  "| bits | " + " | ".join(m for m in methods if m != "fp16") + " |",
-                  "|---|" + "---|" * (len(methods) - 1)]
-        for b in bits:
-            cells = []
-            for m in methods:
-                if m == "fp16":
-                    continue
-                r = next((r for r in rows if r["method"] == m and r["bits"] == b), None)
-                cells.append("" if r is None else f"{_fmt(r['ppl'])} ({(r['ppl'] / base - 1) * 100:+.1f}%)")
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  f"FP baseline: **{base:.3f}**", ""]
+        # one table per calibration recipe; recipe-free rows (rtn) appear in each
+        recipes = sorted({_recipe(r["calib"]) for r in rows if r.get("calib")}) or [None]
+        for recipe in recipes:
+            sub = [r for r in rows if not r.get("calib") or _recipe(r["calib"]) == recipe]
+            methods = [m for m in METHODS if any(r["method"] == m for r in sub)]
+            bits = list(dict.fromkeys(r["bits"] for r in sub if r.get("calib") or recipe is None))
+            bits.sort(key=lambda b: (DEFAULT_BITS.index(b) if b in DEFAULT_BITS else len(DEFAULT_BITS), b))
+            if recipe is not None:
+                lines += [f"Calibration {recipe}:", ""]
+            lines += ["| bits | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+            for b in bits:
+                cells = []
+                for m in methods:
+                    r = next((r for r in sub if r["method"] == m and r["bits"] == b), None)
+                    cells.append("" if r is None else f"{_fmt(r['ppl'])} ({(r['ppl'] / base - 1) * 100:+.1f}%)")
+                lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["## All records", "",
               "| model | corpus | seqlen | windows | method | bits | PPL | calib | calib s | hardware | command |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -106,7 +109,7 @@ def merge(parts: Path, command: str, results: Path) -> list[dict]:
     for f in sorted(parts.glob("*.json")):
         rec = json.loads(f.read_text())
         rec["command"] = command
-        records[:] = [r for r in records if tuple(r.get(k) for k in KEY) != tuple(rec[k] for k in KEY)]
+        records[:] = [r for r in records if tuple(r.get(k) for k in KEY) != tuple(rec.get(k) for k in KEY)]
         records.append(rec)
     order = {m: i for i, m in enumerate(METHODS)}
     records.sort(key=lambda r: (r["model"], r["seqlen"], order.get(r["method"], 99), r["bits"]))
