@@ -162,3 +162,13 @@ def test_gpu_tuned_plan_has_a_measured_time_for_every_entry(tmp_path, monkeypatc
     assert all(v["us"] > 0 and v["candidates"] >= 1 for v in stored.values())
     again = q.kernel_plan(m=(1, 8))                     # no tuning: read back from plans.json
     assert [(e["tile"], e["us"]) for e in again] == [(e["tile"], e["us"]) for e in plan]
+
+
+def test_launch_tile_is_memoised_until_a_plan_is_stored(cache):
+    key = planner.plan_key(64, 2, 2, 4, 8, 5, "sm_90a")
+    default = rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a")
+    assert default == rcuda.default_tile(5, 4, 8, 64, 1, 1)
+    planner._load()[key] = {"family": "bmma", "tile": ["bmma", 8, 1], "us": 1.0, "tuned": True}
+    assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a") == default     # memoised launch choice
+    planner._GENERATION[0] += 1                                          # what planner.choose does on storing
+    assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a") == ("bmma", 8, 1)

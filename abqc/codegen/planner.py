@@ -29,6 +29,11 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
+_GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone
+
+
+def generation() -> int:
+    return _GENERATION[0]
 
 
 def m_bucket(m: int) -> int:
@@ -127,6 +132,7 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
             "device": torch.cuda.get_device_name(), "candidates": timed}
     with _LOCK:
         plans[key] = plan
+        _GENERATION[0] += 1
         try:
             _path().parent.mkdir(parents=True, exist_ok=True)
             _path().write_text(json.dumps(plans, indent=1))

@@ -7,6 +7,7 @@ weights it has tiled once. Launches go on torch's current stream, so CUDA graphs
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import torch
@@ -175,13 +176,20 @@ def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) 
     return "bmma", 4 if k_steps >= 8 else 2, tm
 
 
+_TILES: dict = {}   # launch_tile memo: it runs on every launch, so a repeat costs one dict lookup
+
+
 def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch: str) -> tuple:
     """The tile a launch without an explicit one uses: the planner's tuned choice for this (shape, bits,
-    M bucket, arch) from plans.json, else default_tile."""
-    from ..codegen.planner import cached_tile
-    groups = kw // group_words
-    return (cached_tile(n, kw, group_words, p, q, m, arch)
-            or default_tile(m, p, q, n, groups * layout.steps_per_group(group_words), groups))
+    M bucket, arch) from plans.json, else default_tile. Memoised per cache folder and plans generation."""
+    from ..codegen import planner
+    key = (os.environ.get("ABQC_CACHE"), planner.generation(), m, p, q, n, kw, group_words, arch)
+    tile = _TILES.get(key)
+    if tile is None:
+        groups = kw // group_words
+        tile = _TILES[key] = (planner.cached_tile(n, kw, group_words, p, q, m, arch)
+                              or default_tile(m, p, q, n, groups * layout.steps_per_group(group_words), groups))
+    return tile
 
 
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
