@@ -5,7 +5,8 @@
 Each (method, bits) runs as its own process (`--jobs` at a time; they share one GPU well because the
 default model is small) and leaves one JSON record in --parts; finished parts are skipped on a rerun, so an
 interrupted grid resumes. Records are merged into benchmarks/results/ppl.json (a record with the same model,
-corpus, seqlen, windows, hardware, method, bits and calibration recipe is replaced) and benchmarks/results/ppl.md is rewritten from all records.
+corpus, seqlen, windows, hardware, method, bits and calibration recipe is replaced) and
+benchmarks/results/ppl.md is rewritten from all records.
 Every row of one run uses the same evaluation windows, calibration samples and seed.
 """
 from __future__ import annotations

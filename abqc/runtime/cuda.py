@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from ..codegen import layout
+from ..codegen import layout, planner
 from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
 from ..errors import AbqcError, NoCudaError
 
@@ -182,7 +182,6 @@ _TILES: dict = {}   # launch_tile memo: it runs on every launch, so a repeat cos
 def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch: str) -> tuple:
     """The tile a launch without an explicit one uses: the planner's tuned choice for this (shape, bits,
     M bucket, arch) from plans.json, else default_tile. Memoised per cache folder and plans generation."""
-    from ..codegen import planner
     key = (os.environ.get("ABQC_CACHE"), planner.generation(), m, p, q, n, kw, group_words, arch)
     tile = _TILES.get(key)
     if tile is None:
