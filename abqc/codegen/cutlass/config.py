@@ -85,6 +85,8 @@ def cuda_header_dirs() -> list[Path]:
             raise AbqcError(f"CUTLASS needs the CUDA {lib} headers: install a CUDA 13.0 toolkit (CUDA_HOME) or "
                             f"`pip install {wheels}`")
         out.append(Path(found))
+        if lib == "cccl" and Path(found).name == "cccl":
+            out.append(Path(found).parent)      # CUTLASS includes both <cuda/std/...> and "cccl/cuda/std/..."
     return out
 
 
