@@ -199,13 +199,16 @@ def main(argv=None) -> None:
     jobs += [(m, b) for b in args.bits for m in args.methods if m != "fp16"]
     todo = [j for j in jobs if not part(*j).exists()]
     print(f"{len(jobs)} jobs, {len(todo)} to run, {args.jobs} at a time", flush=True)
+    # each job gets its share of the cores: N jobs x all-core torch pools thrash the CPU (and the GPU waits)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+           or str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(todo) or 1))))}
     t0, running = time.perf_counter(), []
     while todo or running:
         running = [(j, p) for j, p in running if p.poll() is None]
         while todo and len(running) < args.jobs and not (args.deadline and time.perf_counter() - t0 > args.deadline):
             j = todo.pop(0)
             cmd = [sys.executable, __file__, "--one", *j] + [a for a in argv if a != "--one"]
-            running.append((j, subprocess.Popen(cmd, env=os.environ.copy())))
+            running.append((j, subprocess.Popen(cmd, env=env)))
         if args.deadline and time.perf_counter() - t0 > args.deadline and not running:
             break
         time.sleep(1)

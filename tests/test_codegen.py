@@ -94,3 +94,12 @@ def test_tile_layout_matches_fragment_map(n, kw, gw):
                     nn, within = nt * 16 + row, base + slot
                     want = planes[1, nn, grp * gw + within] if nn < n and within < gw else 0
                     assert t[nt, s, 1, lane, r].item() == int(want)
+
+
+@pytest.mark.parametrize("p,n,kw,gw", [(3, 71, 10, 10), (1, 33, 12, 4), (8, 5, 3, 1), (2, 100, 40, 20), (4, 16, 8, 8)])
+def test_untile_inverts_tile(p, n, kw, gw):
+    gen = torch.Generator().manual_seed(n * kw)
+    planes = torch.randint(-2 ** 31, 2 ** 31 - 1, (p, n, kw), generator=gen, dtype=torch.int64).to(torch.int32)
+    assert torch.equal(layout.untile_weights(layout.tile_weights(planes, gw), n, kw, gw), planes)
+    with pytest.raises(ValueError, match="do not hold"):
+        layout.untile_weights(layout.tile_weights(planes, gw), n + 16, kw, gw)

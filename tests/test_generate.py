@@ -77,8 +77,11 @@ def test_to_cuda_generates_like_cpu(tiny_llama):
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cpu_logits = q(ids).logits
+    planes = q.model.model.layers[0].mlp.down_proj.w_planes.clone()
     q.to("cuda")
-    assert q.model.model.layers[0].mlp.down_proj.w_planes.is_cuda
+    down = q.model.model.layers[0].mlp.down_proj
+    assert down._buffers["w_planes"] is None and down._w_tiled.is_cuda       # the tiles are the only copy
+    assert torch.equal(down.w_planes.cpu(), planes) and torch.equal(down.state_dict()["w_planes"].cpu(), planes)
     with torch.no_grad():
         torch.testing.assert_close(q(ids.cuda()).logits.cpu(), cpu_logits, atol=1e-3, rtol=1e-3)
     out = greedy(q, ids.cuda())
@@ -86,3 +89,40 @@ def test_to_cuda_generates_like_cpu(tiny_llama):
     q.half()
     assert q.model.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float32
     assert greedy(q, ids.cuda(), n=4).shape == (2, 10)
+    q.to("cpu")
+    assert torch.equal(down._buffers["w_planes"], planes) and "_w_tiled" not in down.__dict__
+
+
+def test_tiles_only_storage_round_trips(tiny_llama, monkeypatch):
+    """Where the kernels need only the tiled layout (CUDA), QuantLinear drops its canonical planes. Pretend the
+    CPU is such a device: the module keeps one packed copy, and w_planes, state_dict, load, forward, deepcopy
+    and a move to a device that keeps canonical planes all give back exactly the original planes."""
+    q = abqc.compile(tiny_llama, bits="w2a8", passes=RTN, progress=False)
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = q(ids).logits
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    ql = q.model.model.layers[0].mlp.down_proj
+    planes, spec = ql.w_planes.clone(), ql.spec()
+    monkeypatch.setattr(QuantLinear, "keeps_tiles_only", staticmethod(lambda device: True))
+    q.to("cpu")
+    assert ql._buffers["w_planes"] is None and ql._w_tiled.shape[2] == planes.shape[0]
+    assert "w_planes" not in dict(ql.named_buffers()) and ql.planes == planes.shape[0] and ql.spec() == spec
+    assert torch.equal(ql.w_planes, planes)
+    sd = q.state_dict()
+    assert list(sd) == list(state) and all(torch.equal(sd[k], state[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, ref)
+        assert torch.equal(copy.deepcopy(q)(ids).logits, ref)
+    other = abqc.compile(tiny_model("llama", seed=5), bits="w2a8", passes=RTN, progress=False)
+    theirs = other.model.model.layers[0].mlp.down_proj.w_planes.clone()
+    assert not torch.equal(theirs, planes)
+    q.load_state_dict(other.state_dict())          # a tiles-only module loads new weights: new tiles
+    assert torch.equal(ql.w_planes, theirs) and ql._buffers["w_planes"] is None
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, other(ids).logits)
+    q.load_state_dict(sd)
+    assert torch.equal(ql.w_planes, planes)
+    monkeypatch.setattr(QuantLinear, "keeps_tiles_only", staticmethod(lambda device: False))
+    q.to("cpu")                                    # back to canonical storage
+    assert torch.equal(ql._buffers["w_planes"], planes) and "_w_tiled" not in ql.__dict__

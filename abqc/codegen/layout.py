@@ -15,24 +15,40 @@ def steps_per_group(group_words: int) -> int:
     return -(-group_words // 8)
 
 
-def tile_weights(w_planes: torch.Tensor, group_words: int) -> torch.Tensor:
-    """int32 [P, N, KW] -> int32 [ceil(N/16), G*SG, P, 32, 4] (device and dtype kept)."""
-    p, n, kw = w_planes.shape
+def _fragment_index(n: int, kw: int, group_words: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [NT, 32, 4], words [S, 32, 4]): where each tile slot lives in the canonical [N, KW] planes;
+    padding slots point at row NT*16 / word KW (one extra zero row and word)."""
     if kw % group_words:
         raise ValueError(f"group_words {group_words} must divide the word count {kw}")
-    groups, sg = kw // group_words, steps_per_group(group_words)
-    nt = -(-n // 16)
-    dev = w_planes.device
-    padded = torch.zeros(p, nt * 16 + 1, kw + 1, dtype=torch.int32, device=dev)   # extra zero row/word
-    padded[:, :n, :kw] = w_planes
-    lane = torch.arange(32, device=dev)
+    groups, sg, nt = kw // group_words, steps_per_group(group_words), -(-n // 16)
+    lane = torch.arange(32, device=device)
     g, t = lane // 4, lane % 4
     row_in_tile = torch.stack([g, g + 8, g, g + 8], -1)                   # [32, 4]
     slot = torch.stack([t, t, t + 4, t + 4], -1)                          # [32, 4]
-    rows = torch.arange(nt, device=dev).view(nt, 1, 1) * 16 + row_in_tile  # [NT, 32, 4]
+    rows = torch.arange(nt, device=device).view(nt, 1, 1) * 16 + row_in_tile  # [NT, 32, 4]
     rows = torch.where(rows < n, rows, nt * 16)                            # padding rows -> zero row
-    s = torch.arange(groups * sg, device=dev).view(-1, 1, 1)
+    s = torch.arange(groups * sg, device=device).view(-1, 1, 1)
     grp, within = s // sg, (s % sg) * 8 + slot                             # [S, 32, 4]
     words = torch.where(within < group_words, grp * group_words + within, kw)
+    return rows, words
+
+
+def tile_weights(w_planes: torch.Tensor, group_words: int) -> torch.Tensor:
+    """int32 [P, N, KW] -> int32 [ceil(N/16), G*SG, P, 32, 4] (device and dtype kept)."""
+    p, n, kw = w_planes.shape
+    rows, words = _fragment_index(n, kw, group_words, w_planes.device)
+    padded = torch.zeros(p, rows.shape[0] * 16 + 1, kw + 1, dtype=torch.int32, device=w_planes.device)
+    padded[:, :n, :kw] = w_planes
     tiles = padded[:, rows[:, None], words[None]]                          # [P, NT, S, 32, 4]
     return tiles.permute(1, 2, 0, 3, 4).contiguous()
+
+
+def untile_weights(tiles: torch.Tensor, n: int, kw: int, group_words: int) -> torch.Tensor:
+    """The inverse of tile_weights: int32 [ceil(N/16), G*SG, P, 32, 4] -> [P, N, KW]."""
+    nt, steps, p = tiles.shape[:3]
+    rows, words = _fragment_index(n, kw, group_words, tiles.device)
+    if (nt, steps) != (rows.shape[0], words.shape[0]):
+        raise ValueError(f"tiles {tuple(tiles.shape)} do not hold N={n}, KW={kw}, group_words={group_words}")
+    out = torch.zeros(p, nt * 16 + 1, kw + 1, dtype=tiles.dtype, device=tiles.device)
+    out[:, rows[:, None], words[None]] = tiles.permute(2, 0, 1, 3, 4)     # padding slots land in the extras
+    return out[:, :n, :kw].contiguous()

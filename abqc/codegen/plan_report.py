@@ -46,7 +46,7 @@ def resolve_arch(linears: list, arch: str | None) -> str:
         if arch not in ARCHS:
             raise AbqcError(f"unknown GPU arch {arch!r}: abqc's kernels are built for {', '.join(ARCHS)}")
         return arch
-    device = next((ql.w_planes.device for _, ql in linears if ql.w_planes.is_cuda), None)
+    device = next((ql.device for _, ql in linears if ql.device.type == "cuda"), None)
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if device is None:
@@ -63,18 +63,18 @@ def check_tunable(linears: list, arch: str) -> None:
     for path, ql in linears:
         if ql.pair.weight_only:
             continue
-        if not ql.w_planes.is_cuda:
+        if ql.device.type != "cuda":
             raise AbqcError(f"kernel_plan(tune=True) times the kernels on the model's GPU, but {path} is on "
-                            f"{ql.w_planes.device}: move the model first (compiled.to('cuda'))")
-        if cuda.arch_of(ql.w_planes.device) != arch:
+                            f"{ql.device}: move the model first (compiled.to('cuda'))")
+        if cuda.arch_of(ql.device) != arch:
             raise AbqcError(f"kernel_plan(tune=True, arch={arch!r}) but the model's GPU is "
-                            f"{cuda.arch_of(ql.w_planes.device)}: leave arch=None to tune for the GPU at hand")
+                            f"{cuda.arch_of(ql.device)}: leave arch=None to tune for the GPU at hand")
 
 
 def _runner(ql: QuantLinear, m: int):
     """run(tile) for planner.choose: ql's fused linear (packing included) on m float16 tokens."""
     from ..runtime import cuda
-    dev = ql.w_planes.device
+    dev = ql.device
     x = torch.randn(m, ql.in_features, device=dev, dtype=torch.float16,
                     generator=torch.Generator(device=dev).manual_seed(0))   # leaves the global RNG alone
     gw, groups = ql.group_words_and_count()

@@ -123,7 +123,7 @@ class ExportLinear(nn.Module):
 
     def __init__(self, ql: QuantLinear):
         super().__init__()
-        planes = int(ql.w_planes.shape[0])
+        planes = ql.planes
         self.storage = code_storage(planes)
         check_expressible(ql.pair.a_bits, ql.act_symmetric)
         self.pair, self.in_features, self.out_features = ql.pair, ql.in_features, ql.out_features
@@ -178,7 +178,7 @@ def export_ready(model: nn.Module) -> tuple[nn.Module, dict]:
             if isinstance(child, QuantLinear):
                 new = ExportLinear(child)
                 setattr(mod, child_name, new)
-                table[path] = {"bits": str(child.pair), "planes": int(child.w_planes.shape[0]),
+                table[path] = {"bits": str(child.pair), "planes": child.planes,
                                "storage": new.storage, "group_size": new.group_size}
             elif isinstance(child, nn.Linear) and isinstance(getattr(child, "pre", None), nn.Module):
                 setattr(mod, child_name, _PreLinear(child))

@@ -65,6 +65,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_zero", qw.zero.to(torch.int32).contiguous())
         self.register_buffer("w_sum", padded.view(out_features, -1, gw * 32).sum(-1).to(torch.int32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._retile()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pair: BitPair, qw: quant.QuantizedWeight, act_symmetric=False,
@@ -75,7 +76,7 @@ class QuantLinear(nn.Module):
         """Constructor config without tensors (JSON-able); `from_spec` rebuilds the empty module."""
         s = {"in_features": self.in_features, "out_features": self.out_features, "bits": str(self.pair),
              "group_size": self.group_size, "act_symmetric": self.act_symmetric,
-             "planes": int(self.w_planes.shape[0]), "bias": self.bias is not None}
+             "planes": self.planes, "bias": self.bias is not None}
         if self.tile is not None:
             s["tile"] = list(self.tile)
         if self.pre is not None:
@@ -116,18 +117,69 @@ class QuantLinear(nn.Module):
         m.register_buffer("bias", torch.empty(n, dtype=torch.float32, device=device) if s["bias"] else None)
         return m
 
+    @property
+    def planes(self) -> int:
+        """Weight bit-planes P (read without rebuilding the canonical planes on CUDA)."""
+        b = self._buffers.get("w_planes")
+        return int(b.shape[0]) if b is not None else int(self.__dict__["_w_tiled"].shape[2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_scale.device
+
     def group_words_and_count(self) -> tuple[int, int]:
         """(32-bit words per K group, number of groups) of the packed weights."""
         gw, kp = ops.group_layout(self.in_features, self.group_size)
         return gw, kp // (gw * 32)
 
+    # On CUDA the kernels read only the tiled copy, so a QuantLinear there keeps the tiles alone (the
+    # canonical planes would double the packed-weight memory). Reads of w_planes, state_dict() and moves
+    # off the GPU rebuild the canonical planes from the tiles (an exact inverse).
+    @staticmethod
+    def keeps_tiles_only(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _tiles_only(self) -> bool:
+        return self._buffers.get("w_planes") is None and self.__dict__.get("_w_tiled") is not None
+
+    def _untiled(self) -> torch.Tensor:
+        from ..codegen.layout import untile_weights
+        gw, groups = self.group_words_and_count()
+        return untile_weights(self.__dict__["_w_tiled"], self.out_features, gw * groups, gw)
+
+    def __getattr__(self, name):
+        if name == "w_planes" and self._tiles_only():
+            return self._untiled()          # a copy: the module itself holds only the tiles
+        return super().__getattr__(name)
+
     def tiled_weights(self) -> torch.Tensor:
-        """The GPU kernels' fragment layout of w_planes, made once per device."""
-        wt = getattr(self, "_w_tiled", None)
-        if wt is None or wt.device != self.w_planes.device:
+        """The GPU kernels' fragment layout of w_planes, made once per device (then the only copy on CUDA)."""
+        wt, planes = self.__dict__.get("_w_tiled"), self._buffers.get("w_planes")
+        if planes is None and wt is not None:
+            return wt
+        if wt is None or wt.device != planes.device:
             from ..codegen.layout import tile_weights
-            wt = self._w_tiled = tile_weights(self.w_planes, self.group_words_and_count()[0])
+            wt = self._w_tiled = tile_weights(planes, self.group_words_and_count()[0])
+            if self.keeps_tiles_only(planes.device) and not self.pair.weight_only:
+                self._buffers["w_planes"] = None
         return wt
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._tiles_only():
+            destination[prefix + "w_planes"] = self._untiled()     # artifacts store the canonical planes
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._tiles_only():
+            self._buffers["w_planes"] = self._untiled()
+        self.__dict__.pop("_w_tiled", None)          # tiles of the old weights
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._retile()
+
+    def _retile(self) -> None:
+        planes = self._buffers.get("w_planes")
+        if planes is not None and self.keeps_tiles_only(planes.device) and not self.pair.weight_only:
+            self.tiled_weights()        # tile now, so the canonical copy goes before the first forward
 
     def _cuda_linear(self, x2: torch.Tensor) -> torch.Tensor:
         from . import cuda
@@ -142,10 +194,15 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.half() / .to(dtype) must not touch the epilogue's float32 scales and bias: they follow the
         # module's device but are never cast (a float32 -> half -> float32 round trip would round them)
+        if self._tiles_only():
+            self._buffers["w_planes"] = self._untiled()
+        self.__dict__.pop("_w_tiled", None)
         keep = {name: getattr(self, name) for name in ("w_scale", "bias") if getattr(self, name) is not None}
         super()._apply(fn, recurse)
+        dev = self._buffers["w_planes"].device
         for name, t in keep.items():
-            setattr(self, name, t.to(self.w_planes.device))
+            setattr(self, name, t.to(dev))
+        self._retile()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +225,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size >= self.in_features else f"g{self.group_size}"
-        return f"{self.in_features}, {self.out_features}, bits={self.pair}, {g}, planes={self.w_planes.shape[0]}"
+        return f"{self.in_features}, {self.out_features}, bits={self.pair}, {g}, planes={self.planes}"
 
 
 class FakeQuantLinear(nn.Module):
