@@ -28,7 +28,7 @@ def _ci_configs(arch):
     register-hungry builds of both families. ABQC_FULL_KERNEL_SWEEP=1 compiles all of them instead."""
     if os.environ.get("ABQC_FULL_KERNEL_SWEEP") == "1":
         return all_configs(arch)
-    out = [c for c in all_configs(arch) if c.family == "quant_pack"]
+    out = [c for c in all_configs(arch) if c.family not in ("bmma", "gemv")]   # packers, the INT8 family
     every = [(p, q) for p in range(1, 9) for q in range(1, 9)] if arch == "sm_90a" else []
     for p, q in sorted(set(every) | set(SAMPLE)):
         mt = max(gemv_max_tokens(p, q))
@@ -55,7 +55,9 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
     for cfg, s in results:
         assert "XOR.POPC" not in s, cfg.name
         assert not re.search(r"\b(LDL|STL)\b", s), f"{cfg.name} spills to local memory"
-        if cfg.family != "quant_pack":
+        if cfg.family == "int8_unpack":
+            assert "STG.E.128" in s, f"{cfg.name}: codes not stored 16 bytes wide"
+        if cfg.family in ("bmma", "gemv"):
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
             # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)
             need = (cfg.w_planes * cfg.a_bits * cfg.token_tiles if cfg.family == "bmma"

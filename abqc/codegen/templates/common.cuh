@@ -46,11 +46,13 @@ __device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
   }
 }
 
+#ifdef P
 __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
   const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
 #pragma unroll
   for (int i = 0; i < P; ++i) wf[i] = __ldg(src + i * 32);
 }
+#endif
 
 // Exact zero-point correction of one group, scaled by the weight scale.
 __device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {

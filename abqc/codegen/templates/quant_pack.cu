@@ -1,5 +1,5 @@
-// abqc activation path: per-token dynamic quantization and bit-plane packing.
-// The generator prepends Q (activation bits). Grid (tokens, K chunks): every block reads its whole
+// abqc activation path: per-token dynamic quantization and bit-plane packing (or, built with
+// INT8_CODES, centred int8 codes for the INT8 family). The generator prepends Q (activation bits). Grid (tokens, K chunks): every block reads its whole
 // row for the range (16-byte loads where the row allows), then quantizes and packs only its chunk of
 // words: a token's packing is spread over many SMs. Codes never touch memory: each warp turns 32
 // codes into Q words with __ballot_sync (lane l -> bit l, the canonical LSB-first layout). Same
@@ -16,6 +16,7 @@ struct QArgs {
   int *sums;                          // [M][G] or [M][nchunks] when G == 1
   float *scale; int *zero;            // [M]
   int chunk_words, nchunks;
+  signed char *codes;                 // INT8_CODES builds: [M][KW * 32] instead of planes
 };
 
 __device__ __forceinline__ float h2f(unsigned short h, int bf) {
@@ -102,6 +103,12 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
     const int k = w * 32 + lane;
     int u = 0;
     if (k < a.K) u = (int)fminf(fmaxf(rintf(load_x(a, base + k) / scale) + zero, 0.f), (float)qmax);
+#ifdef INT8_CODES
+    // the INT8 family (int8.cu): centred codes a8 = u - 2^(Q-1), zero past K; sums are of a8
+    const int code = k < a.K ? u - (1 << (Q - 1)) : 0;
+    a.codes[(i64)m * a.KW * 32 + k] = (signed char)code;
+    int sum = code;
+#else
     u32 mine = 0;   // lane j keeps plane j's word and stores it: Q stores in parallel
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
@@ -110,6 +117,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
     }
     if (lane < Q) a.planes[((i64)lane * a.M + m) * a.KW + w] = mine;
     int sum = u;
+#endif
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) atomicAdd(&gsum[a.G == 1 ? 0 : w / a.gw - g0], sum);
   }

@@ -1,0 +1,84 @@
+// abqc INT8 family: W(P)A(Q) as one INT8 tensor-core GEMM (torch._int_mm, cuBLASLt IMMA) between the
+// two kernels here. Codes are centred so they fit int8: w8 = u_w - 2^(P-1), a8 = u_a - 2^(Q-1) (the
+// activation side comes from quant_pack.cu built with INT8_CODES). Columns k >= K are zero on both sides,
+// so acc = sum_k a8 * w8 over the real K, and the epilogue undoes the centring exactly:
+//   sum_k (u_a - z_a)(u_w - z_w) = acc + rw * A8 + ra * W8 + K * ra * rw,  ra = ca - z_a, rw = cw - z_w,
+// with A8 = sum_k a8 (per token), W8 = sum_k w8 = w_sum - K * cw (per channel). Per-channel weights only.
+// The generator prepends KERNEL_NAME and one of INT8_UNPACK / INT8_EPILOGUE.
+
+#ifdef INT8_UNPACK
+struct UnpackArgs {
+  const u32 *wt;        // tiled weight planes [NT][S][P][32 lanes][4 words] (abqc.codegen.layout)
+  signed char *w8;      // [N][KP] centred codes, KP = 32 * words per row (zero past K)
+  int N, K, KP, P, S, SG, gw;
+};
+
+// One thread per tiled word slot (nt, s, lane, j): reads its P plane words (coalesced across the warp),
+// writes the 32 codes of that (channel, word) as two 16-byte stores.
+extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const UnpackArgs a) {
+  const i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const int nt_count = (a.N + 15) / 16;
+  if (e >= (i64)nt_count * a.S * 128) return;
+  const int j = (int)(e & 3), lane = (int)((e >> 2) & 31);
+  const i64 ts = e >> 7;                      // nt * S + s
+  const int s = (int)(ts % a.S), nt = (int)(ts / a.S);
+  const int n = nt * 16 + (lane >> 2) + ((j & 1) ? 8 : 0);
+  const int within = (s % a.SG) * 8 + (lane & 3) + ((j & 2) ? 4 : 0);
+  if (n >= a.N || within >= a.gw) return;    // padding slots of the tiled layout
+  const int w = (s / a.SG) * a.gw + within;
+  u32 pl[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) pl[i] = i < a.P ? a.wt[(ts * a.P + i) * 128 + lane * 4 + j] : 0u;
+  const int centre = 1 << (a.P - 1);
+  u32 out[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    u32 word = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int bit = q * 4 + b;
+      int u = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) u |= (int)((pl[i] >> bit) & 1u) << i;
+      const int code = w * 32 + bit < a.K ? u - centre : 0;
+      word |= ((u32)code & 0xffu) << (8 * b);
+    }
+    out[q] = word;
+  }
+  uint4 *dst = (uint4 *)(a.w8 + (i64)n * a.KP + (i64)w * 32);
+  dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+  dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+}
+#endif
+
+#ifdef INT8_EPILOGUE
+struct EpiArgs {
+  const int *acc;       // [M][N] int32: sum_k a8 * w8
+  int M, N, K, ca, cw;  // centres 2^(Q-1), 2^(P-1)
+  const float *w_scale; const int *w_zero; const int *w_sum;     // [N] (w_sum: sum of the codes u_w)
+  const float *a_scale; const int *a_zero; const int *a8_sum;    // [M], [M], [M][a_parts] partial sums of a8
+  int a_parts;
+  const float *bias;    // [N] or null
+  void *out;            // mode 0: int32 [M][N] = sum_k u_a * u_w (the bit-plane kernels' accumulator);
+  int mode;             // 1 f32, 2 f16, 3 bf16: y [M][N]
+};
+
+extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)a.M * a.N) return;
+  const int m = (int)(idx / a.N), n = (int)(idx - (i64)m * a.N);
+  i64 a8 = 0;
+  for (int p = 0; p < a.a_parts; ++p) a8 += a.a8_sum[(i64)m * a.a_parts + p];
+  const i64 w8 = (i64)a.w_sum[n] - (i64)a.K * a.cw;
+  const i64 acc = a.acc[idx];
+  if (a.mode == 0) {
+    ((int *)a.out)[idx] = (int)(acc + (i64)a.cw * a8 + (i64)a.ca * w8 + (i64)a.K * a.ca * a.cw);
+    return;
+  }
+  const i64 ra = a.ca - a.a_zero[m], rw = a.cw - a.w_zero[n];
+  const i64 t = acc + rw * a8 + ra * w8 + (i64)a.K * ra * rw;     // sum_k (u_a - z_a)(u_w - z_w), exact
+  float y = a.w_scale[n] * (float)t * a.a_scale[m];
+  if (a.bias) y += a.bias[n];
+  store_y(a.out, a.mode, idx, y);
+}
+#endif
