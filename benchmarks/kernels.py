@@ -1,12 +1,13 @@
 """Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
 FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
 
-    python benchmarks/kernels.py [--tune] [--quick]
+    python benchmarks/kernels.py [--tune] [--quick] [--families gemv bmma int8]
 
 Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
 of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
-real model rather than from L2. abqc rows include the activation quantize-and-pack kernel (the whole
-linear from FP16 in to FP16 out); the INT8/FP8 rows time the GEMM alone on already-quantized
+real model rather than from L2. The "abqc" row of a (bits, M, shape) is the planner's choice (tuned
+with --tune, else its default); "abqc-<family>" rows are the fastest tile of that family alone. abqc rows
+include activation quantization (the whole linear from FP16 in to FP16 out); the INT8/FP8 rows time the GEMM alone on already-quantized
 activations, and pad M up to what those kernels accept (noted). For M <= 8 the table reports the
 packed weight bytes moved per second as a fraction of the measured device-to-device copy rate.
 Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
@@ -32,6 +33,7 @@ from abqc.runtime import cuda as rcuda  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
+FAMILIES = ("gemv", "bmma", "int8")
 
 
 def copy_bandwidth() -> float:
@@ -99,27 +101,48 @@ def abqc_layer(bits, n, k):
     return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
 
 
-def bench_abqc(pair, ql, x, tune: bool):
+def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
+    """(us, tile, packed weight bytes, note) of one abqc linear: the planner's choice (family None), or the
+    fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it."""
     gw, groups = ql.group_words_and_count()
     wt = ql.tiled_weights()
     wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
-    m = x.shape[0]
+    m, arch = x.shape[0], rcuda.arch_of(x.device)
 
     def call(w, tile):
         return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
                                  groups, ql.in_features, False, tile=tile)
 
-    plan = planner.choose(lambda tile: call(wt, tile), ql.out_features, groups * gw, gw, wt.shape[2], pair.a_bits,
-                          m, rcuda.arch_of(x.device), tune=tune)
-    tile = tuple(plan["tile"])
+    if family is None:
+        plan = planner.choose(lambda tile: call(wt, tile), ql.out_features, groups * gw, gw, wt.shape[2],
+                              pair.a_bits, m, arch, tune=tune)
+        tile = tuple(plan["tile"])
+    else:
+        timed = []
+        for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups):
+            if t[0] == family:
+                try:
+                    timed.append((planner.time_us(lambda: call(wt, t)), t))
+                except (RuntimeError, ValueError):
+                    continue
+        if not timed:
+            return None
+        tile = min(timed)[1]
     us = planner.time_us(rotating([lambda w=w: call(w, tile) for w in wts]), iters=1) / len(wts)
-    # breakdown: the activation packer alone, and the bit-plane kernel alone on packed activations
-    packed = rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
-    epi = rcuda.epilogue_args(ql.w_scale, ql.w_zero, ql.w_sum, packed)
-    pack_us = planner.time_us(lambda: rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False))
-    gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features, gw, 2,
-                                                               epi, tile) for w in wts]), iters=1) / len(wts)
-    return us, tile, wt.shape[2] * ql.out_features * groups * gw * 4, pack_us, gemm_us
+    # breakdown: the activation quantizer alone, and the rest (GEMM; for int8: unpack + _int_mm + epilogue)
+    if tile[0] == "int8":
+        pack_us = planner.time_us(lambda: rcuda.quant_int8(x, pair.a_bits, gw, ql.in_features, False,
+                                                            rcuda.INT8_MIN_ROWS))
+        note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, unpack + _int_mm + epilogue " \
+               f"{us - pack_us:.1f} us"
+    else:
+        packed = rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
+        epi = rcuda.epilogue_args(ql.w_scale, ql.w_zero, ql.w_sum, packed)
+        pack_us = planner.time_us(lambda: rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False))
+        gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features,
+                                                                   gw, 2, epi, tile) for w in wts]), iters=1) / len(wts)
+        note = f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us"
+    return us, tile, wt.shape[2] * ql.out_features * groups * gw * 4, note
 
 
 def main(argv=None):
@@ -129,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--tune-max-m", type=int, default=1 << 30,
                     help="with --tune, tune only shapes with M up to this (larger M use the planner default)")
     ap.add_argument("--bits", nargs="+", default=BITS)
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES,
+                    help="also time the best tile of each of these kernel families (a row each where it applies)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
     if not rcuda.available():
@@ -173,9 +198,13 @@ def main(argv=None):
                 print(f"int4 weight-only unavailable: {str(e).splitlines()[0]}")
             for bits in args.bits:
                 pair, ql = layers[(bits, n, k)]
-                us, tile, wbytes, pack_us, gemm_us = bench_abqc(pair, ql, x, args.tune and m <= args.tune_max_m)
-                add("abqc-bmma", bits, m, n, k, us, flop, wbytes,
-                    f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us", tile)
+                us, tile, wbytes, note = bench_abqc(pair, ql, x, args.tune and m <= args.tune_max_m)
+                add("abqc", bits, m, n, k, us, flop, wbytes, f"planner's choice; {note}", tile)
+                for family in args.families:
+                    got = bench_abqc(pair, ql, x, False, family)
+                    if got:
+                        us, tile, wbytes, note = got
+                        add(f"abqc-{family}", bits, m, n, k, us, flop, wbytes, f"best {family} tile; {note}", tile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(records, indent=1))

@@ -75,6 +75,10 @@ def test_config_validation():
         KernelConfig("bmma", 8, 2, 1, "sm_75")
     with pytest.raises(ValueError, match="unknown kernel family"):
         KernelConfig("gemm", 8, 2)
+    with pytest.raises(ValueError, match="takes its bits at launch"):
+        KernelConfig("int8_unpack", 4)
+    assert KernelConfig("int8_epilogue", 8).name == "abqc_int8_epilogue"
+    assert "#define INT8_CODES" in KernelConfig("quant_int8", 3).source()
     a, b = KernelConfig("bmma", 8, 2, 1), KernelConfig("bmma", 8, 2, 2)
     assert a.key() != b.key() and a.key() == KernelConfig("bmma", 8, 2, 1).key()
     assert "#define P 2" in a.source() and "mma.sync.aligned.m16n8k256" in a.source()

@@ -85,6 +85,10 @@ def test_fused_linear_matches_reference(bits, m):
     qg = QuantLinear.from_linear(lin, pair, qw).cuda()
     y32 = qg(x.cuda()).cpu()
     torch.testing.assert_close(y32, ref, rtol=2e-5, atol=2e-5)
+    if qg.group_words_and_count()[1] == 1:          # per-channel: the INT8 family too
+        qg.tile = ("int8", 0, 0)
+        torch.testing.assert_close(qg(x.cuda()).cpu(), ref, rtol=2e-5, atol=2e-5)
+        qg.tile = None
     xh = x.half()
     y16 = qg(xh.cuda()).float().cpu()
     ref16 = ql(xh.float())                          # same fp16 inputs -> same codes; output rounded to fp16

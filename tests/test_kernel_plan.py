@@ -172,3 +172,10 @@ def test_launch_tile_is_memoised_until_a_plan_is_stored(cache):
     assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a") == default     # memoised launch choice
     planner._GENERATION[0] += 1                                          # what planner.choose does on storing
     assert rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a") == ("bmma", 8, 1)
+
+
+def test_int8_family_is_a_candidate_for_per_channel_prefill_only():
+    from abqc.codegen import planner
+    assert ("int8", 0, 0) in planner.candidates(2, 8, 16) and ("int8", 0, 0) in planner.candidates(4, 4, 2048)
+    assert ("int8", 0, 0) not in planner.candidates(2, 8, 8)              # decode: the GEMV family's ground
+    assert ("int8", 0, 0) not in planner.candidates(2, 8, 512, groups=4)  # grouped weights need per-group sums

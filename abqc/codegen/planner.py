@@ -4,8 +4,10 @@ ABQC_CACHE/plans.json. With tuning off, `abqc.runtime.cuda.default_tile` is used
 The runtime launches the cached plan's tile when there is one (`runtime.cuda.launch_tile`); nothing tunes
 implicitly.
 
-Families now: "bmma" (GEMM, tokens in the MMA N dimension) and "gemv" (per-channel decode, activation
-planes in the MMA N dimension). Hopper wgmma and INT8-unpack families are to compete here when they land.
+Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
+planes in the MMA N dimension) and "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
+torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call, a two-kernel stand-in for
+an in-kernel unpack). A Hopper wgmma b1 family is to compete here when it lands.
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
@@ -27,6 +29,7 @@ from .layout import steps_per_group
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
+INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 _GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone
@@ -79,6 +82,8 @@ def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
     mt = gemv_tokens(m, p, q)
     if groups == 1 and mt:
         out += [("gemv", wk, mt, u) for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
+    if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
+        out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
     return out
 
 

@@ -36,7 +36,22 @@ class _QArgs(ctypes.Structure):
                 ("M", ctypes.c_int), ("K", ctypes.c_int), ("KW", ctypes.c_int), ("gw", ctypes.c_int),
                 ("G", ctypes.c_int), ("symmetric", ctypes.c_int),
                 ("planes", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("zero", ctypes.c_void_p), ("chunk_words", ctypes.c_int), ("nchunks", ctypes.c_int)]
+                ("zero", ctypes.c_void_p), ("chunk_words", ctypes.c_int), ("nchunks", ctypes.c_int),
+                ("codes", ctypes.c_void_p)]
+
+
+class _UnpackArgs(ctypes.Structure):
+    _fields_ = [("wt", ctypes.c_void_p), ("w8", ctypes.c_void_p), ("N", ctypes.c_int), ("K", ctypes.c_int),
+                ("KP", ctypes.c_int), ("P", ctypes.c_int), ("S", ctypes.c_int), ("SG", ctypes.c_int),
+                ("gw", ctypes.c_int)]
+
+
+class _Int8EpiArgs(ctypes.Structure):
+    _fields_ = [("acc", ctypes.c_void_p), ("M", ctypes.c_int), ("N", ctypes.c_int), ("ldacc", ctypes.c_int),
+                ("K", ctypes.c_int), ("ca", ctypes.c_int), ("cw", ctypes.c_int),
+                ("w_scale", ctypes.c_void_p), ("w_zero", ctypes.c_void_p), ("w_sum", ctypes.c_void_p),
+                ("a_scale", ctypes.c_void_p), ("a_zero", ctypes.c_void_p), ("a8_sum", ctypes.c_void_p),
+                ("a_parts", ctypes.c_int), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int)]
 
 
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -143,6 +158,16 @@ def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_f
     """x [M, K] (f32/f16/bf16, CUDA) -> planes int32 [Q, M, G*gw], code sums int32, scale f32 [M], zero int32 [M].
 
     Sums are [M, G] for grouped layouts and [M, chunks] partials (add them up) when G == 1."""
+    return _quantize(x, a_bits, group_words, groups, in_features, symmetric, None)
+
+
+def quant_int8(x: torch.Tensor, a_bits: int, words: int, in_features: int, symmetric: bool, min_rows: int = 0):
+    """x [M, K] -> the INT8 family's activations: centred codes int8 [max(M, min_rows), words*32] (u - 2^(Q-1),
+    zero past K and in rows >= M), partial sums of those codes int32 [M, chunks], scale f32 [M], zero int32 [M]."""
+    return _quantize(x, a_bits, words, 1, in_features, symmetric, min_rows)
+
+
+def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows):
     require_cuda("abqc.runtime.cuda.quant_pack()", x)
     x = x.contiguous()
     if x.dtype not in _DTYPE_CODE:
@@ -151,18 +176,67 @@ def quant_pack(x: torch.Tensor, a_bits: int, group_words: int, groups: int, in_f
     kw = groups * group_words
     cw, nchunks = pack_chunks(group_words, groups)
     dev = x.device
-    planes = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
+    if int8_rows is None:
+        out = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
+    else:
+        rows = max(m, int8_rows)
+        out = (torch.zeros if rows > m else torch.empty)(rows, kw * 32, dtype=torch.int8, device=dev)
     sums = torch.empty(m, nchunks if groups == 1 else groups, dtype=torch.int32, device=dev)
     scale = torch.empty(m, dtype=torch.float32, device=dev)
     zero = torch.empty(m, dtype=torch.int32, device=dev)
     if m == 0:
-        return planes, sums, scale, zero
-    cfg = KernelConfig("quant_pack", a_bits, arch=arch_of(dev))
+        return out, sums, scale, zero
+    cfg = KernelConfig("quant_pack" if int8_rows is None else "quant_int8", a_bits, arch=arch_of(dev))
     _, fn = function(cfg, dev)
+    planes, codes = (out.data_ptr(), None) if int8_rows is None else (None, out.data_ptr())
     args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
-                  planes.data_ptr(), sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks)
+                  planes, sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks, codes)
     _launch(fn, (m, nchunks), 256, 0, args, dev)
-    return planes, sums, scale, zero
+    return out, sums, scale, zero
+
+
+INT8_MIN_ROWS = 17   # torch._int_mm on CUDA needs more than 16 rows: fewer tokens are padded with zero rows
+
+
+def int8_weights(w_tiled: torch.Tensor, n: int, in_features: int, words: int) -> torch.Tensor:
+    """Tiled per-channel weight planes -> centred int8 codes [roundup(N, 8), words*32] (u - 2^(P-1); zero
+    past K and in rows >= N, which pad N to torch._int_mm's multiple of 8)."""
+    require_cuda("abqc.runtime.cuda.int8_weights()", w_tiled)
+    nt, steps, p = w_tiled.shape[:3]
+    sg = layout.steps_per_group(words)
+    if steps != sg or nt * 16 < n:
+        raise ValueError("the INT8 family serves per-channel weights: tiled weights do not match one K group")
+    dev = w_tiled.device
+    rows = -(-n // 8) * 8
+    w8 = torch.empty(rows, words * 32, dtype=torch.int8, device=dev)
+    if rows > n:
+        w8[n:].zero_()
+    total = nt * steps * 128
+    _, fn = function(KernelConfig("int8_unpack", 8, arch=arch_of(dev)), dev)
+    _launch(fn, (-(-total // 256), 1), 256, 0,
+            _UnpackArgs(w_tiled.data_ptr(), w8.data_ptr(), n, in_features, words * 32, p, steps, sg, words), dev)
+    return w8
+
+
+def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                words: int, in_features: int, act_symmetric: bool, integer: bool = False) -> torch.Tensor:
+    """The INT8 family: y [M, N] (or, integer=True, the int32 accumulators sum_k u_a * u_w [M, N, 1] that the
+    bit-plane kernels give) from centred int8 codes of both sides and one torch._int_mm (INT8 tensor cores).
+    Per-channel weights only; weights are unpacked to int8 on every call (no int8 copy is kept)."""
+    a8, a_sum, a_scale, a_zero = quant_int8(x, a_bits, words, in_features, act_symmetric, INT8_MIN_ROWS)
+    w8 = int8_weights(w_tiled, n, in_features, words)
+    acc = torch._int_mm(a8, w8.t())
+    m, dev, p = x.shape[0], x.device, w_tiled.shape[2]
+    out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if integer
+           else torch.empty(m, n, dtype=x.dtype, device=dev))
+    if m == 0 or n == 0:
+        return out
+    args = _Int8EpiArgs(acc.data_ptr(), m, n, acc.shape[1], in_features, 1 << (a_bits - 1), 1 << (p - 1),
+                        _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), _ptr(a_scale), _ptr(a_zero), _ptr(a_sum),
+                        a_sum.shape[1], _ptr(bias), out.data_ptr(), 0 if integer else _DTYPE_CODE[x.dtype])
+    _, fn = function(KernelConfig("int8_epilogue", 8, arch=arch_of(dev)), dev)
+    _launch(fn, (-(-m * n // 256), 1), 256, 0, args, dev)
+    return out
 
 
 def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
@@ -248,7 +322,16 @@ def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
 
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None) -> torch.Tensor:
-    """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch."""
+    """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
+    (or, for an ("int8", ...) tile, the INT8 family: int8_linear)."""
+    require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
+    tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
+                               arch_of(x.device))
+    if tile[0] == "int8":
+        if groups != 1:
+            raise ValueError("the int8 family serves per-channel weights only")
+        return int8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
+                           act_symmetric)
     packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
     epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
     return bmma(w_tiled, packed[0], n, in_features, group_words, 1, epi, tile, x.dtype)

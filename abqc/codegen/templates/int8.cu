@@ -53,8 +53,8 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const UnpackArgs a
 
 #ifdef INT8_EPILOGUE
 struct EpiArgs {
-  const int *acc;       // [M][N] int32: sum_k a8 * w8
-  int M, N, K, ca, cw;  // centres 2^(Q-1), 2^(P-1)
+  const int *acc;       // [M][ldacc] int32: sum_k a8 * w8 (columns >= N: padding)
+  int M, N, ldacc, K, ca, cw;  // centres ca = 2^(Q-1), cw = 2^(P-1)
   const float *w_scale; const int *w_zero; const int *w_sum;     // [N] (w_sum: sum of the codes u_w)
   const float *a_scale; const int *a_zero; const int *a8_sum;    // [M], [M], [M][a_parts] partial sums of a8
   int a_parts;
@@ -70,7 +70,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
   i64 a8 = 0;
   for (int p = 0; p < a.a_parts; ++p) a8 += a.a8_sum[(i64)m * a.a_parts + p];
   const i64 w8 = (i64)a.w_sum[n] - (i64)a.K * a.cw;
-  const i64 acc = a.acc[idx];
+  const i64 acc = a.acc[(i64)m * a.ldacc + n];
   if (a.mode == 0) {
     ((int *)a.out)[idx] = (int)(acc + (i64)a.cw * a8 + (i64)a.ca * w8 + (i64)a.K * a.ca * a.cw);
     return;
