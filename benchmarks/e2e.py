@@ -378,7 +378,7 @@ def targets(ref: dict) -> list[str]:
         if base and base.get("tpot_ms"):
             b, t = _decode_pair(base, w2)
             verdict = "met" if b / t >= goal else "not met"
-            rows.append(f"- W2A8 decode vs {name}: {b / t:.2f}× (target ≥ {goal}×: {verdict})")
+            rows.append(f"- W2A8 decode vs {name}: {b / t:.3f}× (target ≥ {goal}×: {verdict})")
     frac = w2["weight_gib"] / fp["weight_gib"]
     rows.append(f"- W2A8 weights / FP16 weights: {frac:.3f} (target ≤ 0.2: {'met' if frac <= 0.2 else 'not met'}; "
                 "resident bytes, the tiled planes included)")

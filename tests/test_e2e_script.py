@@ -151,8 +151,8 @@ def test_markdown_ratios_and_targets(tmp_path):
     assert rows["w2a8"][7:10] == ["0.80", "2.40", "1.80"]        # decode ratios use graph times
     assert rows["w4a4"][8:10] == ["0.83", "0.92"]                # no graph time: eager ratios
     assert rows["w2a8"][6] == "200" and rows["w2a8"][12] == "0.16"
-    assert "W2A8 decode vs FP16: 2.40× (target ≥ 2.0×: met)" in md
-    assert "W2A8 decode vs W8A8: 1.80× (target ≥ 1.6×: met)" in md
+    assert "W2A8 decode vs FP16: 2.400× (target ≥ 2.0×: met)" in md
+    assert "W2A8 decode vs W8A8: 1.800× (target ≥ 1.6×: met)" in md
     assert "W2A8 weights / FP16 weights: 0.160 (target ≤ 0.2: met;" in md
     (tmp_path / "e2e_ppl.json").write_text(json.dumps(
         {"model": "M", "bits": "w4a8", "method": "rtn", "windows": 8, "seqlen": 2048, "ppl_cpu": 33.0,
