@@ -46,6 +46,7 @@ from . import __version__
 from .capture import ROLE_OF
 from .errors import AbqcError
 from .models import SUPPORTED_TYPES, ModelInfo, atomic_dir, check_device
+from .runtime.fuse import refuse_fused
 from .runtime.hadamard import HadamardLinear
 from .runtime.modules import FakeQuantLinear, QuantLinear
 
@@ -184,6 +185,7 @@ def _prepare_target(target: Path) -> None:
 def save(model: nn.Module, report: dict, directory: str | Path, tokenizer=None) -> Path:
     """Write the artifact of a lowered HF model (and optionally its tokenizer) to `directory`, atomically."""
     from safetensors.torch import save_file
+    refuse_fused(model, "saving an artifact")
     target = Path(directory)
     _prepare_target(target)
     state = model.state_dict()

@@ -62,6 +62,17 @@ class CompiledModel(nn.Module):
         model, report, tokenizer, info = artifact.load(directory, device, dtype)
         return cls(model, report), tokenizer, info
 
+    def fuse_projections(self) -> list[str]:
+        """Run q/k/v and gate/up as one quantized linear each where their layouts agree (one activation
+        quantization and one kernel per group; outputs bit-identical). Returns the fused paths; undo with
+        unfuse_projections() (save() needs the separate projections). See abqc.runtime.fuse."""
+        from .runtime.fuse import fuse_projections
+        return fuse_projections(self.model)
+
+    def unfuse_projections(self) -> int:
+        from .runtime.fuse import unfuse_projections
+        return unfuse_projections(self.model)
+
     def kernel_plan(self, arch: str | None = None, m=None, tune: bool = False) -> list[dict]:
         """Every quantized linear's GPU kernel family and tile per token count M (default 1, 8, 32, 128, 2048):
         the tuned plan from plans.json with its measured µs, else the default tile (abqc.codegen.plan_report).

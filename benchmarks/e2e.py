@@ -12,7 +12,7 @@ on the GPU, so building takes seconds) and runs the Hugging Face forward with it
   w8a8   every decoder linear swapped for W8A8Linear: per-channel int8 weights, per-token int8 activations,
          torch._int_mm, quantize and dequantize steps fused by torch.compile when it works (else eager)
   abqc   abqc.compile(model, bits, method="rtn"): RTN weights (no calibration; speed does not depend on it),
-         the generated bit-plane kernels on the GPU
+         the generated bit-plane kernels on the GPU, q/k/v and gate/up fused (fuse_projections; --no-fuse)
 Per (impl, batch): TTFT = prefill of a `--prompt`-token prompt into a fresh DynamicCache plus the first
 greedy token; TPOT = mean time of `--steps` greedy decode steps after it (eager HF loop, what generate()
 does); both the median of `--repeats` runs after a warm-up, CUDA-synchronised. TPOT (graph) replays one
@@ -159,7 +159,8 @@ def to_w8a8(model: nn.Module, quant, dequant) -> nn.Module:
     return model
 
 
-def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool) -> tuple[nn.Module, str]:
+def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool,
+          fuse: bool = True) -> tuple[nn.Module, str]:
     """(model on device, note) for one implementation, from the same seeded random FP16 weights."""
     t0 = time.perf_counter()
     model = random_model(shape, device, dtype, seed)
@@ -172,6 +173,8 @@ def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool) -
         # inplace: a 7B model and its deep copy would not both need to fit; the FP16 weights go as they are lowered
         model = abqc.compile(model, bits=impl, method="rtn", progress=False, inplace=True).to(device)
         note = "abqc RTN (no calibration; speed does not depend on it), bit-plane kernels"
+        if fuse:
+            note += f", q/k/v and gate/up fused ({len(model.fuse_projections())} groups)"
     gc.collect()    # the replaced FP16 linears may sit in reference cycles (export graphs): free them before timing
     return model, f"{note}; built in {time.perf_counter() - t0:.1f} s"
 
@@ -445,7 +448,7 @@ def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command:
             continue
         log(f"building {impl}")
         try:
-            model, build_note = build(impl, shape, device, dtype, args.seed, args.w8a8_eager)
+            model, build_note = build(impl, shape, device, dtype, args.seed, args.w8a8_eager, not args.no_fuse)
         except Exception as e:
             records += [{**base, **empty, "batch": b, "status": "failed", "note": f"build failed: {_line(e)}"}
                         for b in args.batches]
@@ -507,6 +510,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode timing")
     ap.add_argument("--w8a8-eager", action="store_true", help="do not torch.compile the W8A8 quantize/dequantize")
+    ap.add_argument("--no-fuse", action="store_true", help="abqc rows: keep q/k/v and gate/up as separate linears")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")
     ap.add_argument("--append", action="store_true",
                     help="keep the records of --out/e2e.json that this run does not redo (finish a run in parts)")

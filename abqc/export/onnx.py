@@ -32,6 +32,7 @@ from torch import nn
 from .. import quant
 from ..compiler import CompiledModel
 from ..errors import AbqcError
+from ..runtime.fuse import refuse_fused
 from ..runtime.modules import FakeQuantLinear, QuantLinear
 
 OPSET = 21
@@ -166,6 +167,7 @@ def export_ready(model: nn.Module) -> tuple[nn.Module, dict]:
     Returns (copy, {module path: {"bits", "planes", "storage", "group_size"}}).
     """
     inner = hf_model(model)
+    refuse_fused(inner, "ONNX export")
     for name, mod in inner.named_modules():
         if isinstance(mod, FakeQuantLinear):
             raise AbqcError(f"{name} is a fake-quant linear (lower_fake): export needs integer weights; "
