@@ -30,8 +30,8 @@ import abqc  # noqa: E402
 from abqc import data  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
-METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot")
-CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot")
+METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq")
+CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq")
 DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16", "w2a16", "w2*a16")
 
 
@@ -69,7 +69,9 @@ def write_table(records: list[dict], results: Path) -> None:
              "`lwc-mse` learned clipping + smoothing with OmniQuant's MSE loss; `abq` the full ABQ pipeline "
              "(sensitivity, learned clipping + smoothing on DLC + AKL + MSE losses, rank-1 compensation); `abq+rot` "
              "the rotate pass (RMSNorm folded, randomised Hadamard rotation of the residual stream, online "
-             "Hadamard on the down_proj input) before the same ABQ pipeline. "
+             "Hadamard on the down_proj input) before the same ABQ pipeline; `gptq`, `rot+gptq`, `abq+gptq`: the "
+             "codes of rtn, rotate+rtn and abq re-rounded by GPTQ (same grids; calibration samples give the "
+             "Hessians). "
              "Calibration recipes read samples x tokens x epochs (2-bit epochs), batch, lr clipping/smoothing.", ""]
     for key, base in fp.items():
         model, corpus, seqlen, windows, hw = key

@@ -7,6 +7,7 @@ pipelines `abqc.compile(method=...)` runs.
 from .balance import balance
 from .base import PassContext, PassReport, run_passes
 from .calibrate import CalibOptions, make_calibrate
+from .gptq import gptq
 from .lower import make_lower
 from .rotate import rotate
 from .rtn import rtn
@@ -21,6 +22,7 @@ REGISTRY = {
     "abq": lambda o: make_calibrate("abq", o.get("calibrate")),
     "lwc-mse": lambda o: make_calibrate("lwc-mse", o.get("calibrate")),
     "rtn": lambda o: rtn,
+    "gptq": lambda o: gptq,
     "lower": lambda o: make_lower("real"),
     "lower_fake": lambda o: make_lower("fake"),
 }
@@ -30,8 +32,11 @@ METHODS = {
     "lwc-mse": ("lwc-mse", "lower"),
     "abq": ("sensitivity", "abq", "lower"),
     "abq+rot": ("rotate", "sensitivity", "abq", "lower"),   # Hadamard-rotated residual stream, then ABQ
+    "gptq": ("rtn", "gptq", "lower"),                        # RTN's grid, codes re-rounded by GPTQ
+    "rot+gptq": ("rotate", "rtn", "gptq", "lower"),          # QuaRot's recipe: rotation, then GPTQ
+    "abq+gptq": ("sensitivity", "abq", "gptq", "lower"),     # ABQ's learned grid, codes re-rounded by GPTQ
 }
-CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse")   # passes that need calibration ids
+CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse", "gptq")   # passes that need calibration ids
 
 __all__ = ["PassContext", "PassReport", "run_passes", "CalibOptions", "REGISTRY", "METHODS", "CALIBRATED",
-           "balance", "make_calibrate", "make_lower", "make_sensitivity", "make_smoothquant", "rotate", "rtn"]
+           "balance", "gptq", "make_calibrate", "make_lower", "make_sensitivity", "make_smoothquant", "rotate", "rtn"]
