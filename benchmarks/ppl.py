@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -36,9 +37,21 @@ DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16"
 
 
 def hardware() -> str:
+    """The GPU's name, or "CPU <arch>" (threads are a record field of their own: they vary per job)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
+    return f"CPU {platform.machine()}"
+
+
+_THREADS = re.compile(r"^(CPU \S+) x(\d+) threads$")
+
+
+def _normalised(rec: dict) -> dict:
+    """Records written before threads had their own field said "CPU x86_64 x2 threads" as the hardware."""
+    m = _THREADS.match(rec.get("hardware", ""))
+    if m:
+        rec = {**rec, "hardware": m.group(1), "threads": int(m.group(2))}
+    return rec
 
 
 def _fmt(v: float) -> str:
@@ -101,16 +114,17 @@ def write_table(records: list[dict], results: Path) -> None:
     for r in records:
         cal = _recipe(r["calib"]) if r.get("calib") else ""
         lines.append(f"| {r['model']} | {r['corpus']} | {r['seqlen']} | {r['windows']} | {r['method']} | {r['bits']} "
-                     f"| {_fmt(r['ppl'])} | {cal} | {r.get('calib_seconds', '')} | {r.get('hardware', '')} "
+                     f"| {_fmt(r['ppl'])} | {cal} | {r.get('calib_seconds', '')} | {r.get('hardware', '')}"
+                     f"{' (%d threads)' % r['threads'] if r.get('threads') else ''} "
                      f"| `{r['command']}` |")
     (results / "ppl.md").write_text("\n".join(lines) + "\n")
 
 
 def merge(parts: Path, command: str, results: Path) -> list[dict]:
     path = results / "ppl.json"
-    records = json.loads(path.read_text()) if path.exists() else []
+    records = [_normalised(r) for r in json.loads(path.read_text())] if path.exists() else []
     for f in sorted(parts.glob("*.json")):
-        rec = json.loads(f.read_text())
+        rec = _normalised(json.loads(f.read_text()))
         rec["command"] = command
         records[:] = [r for r in records if tuple(r.get(k) for k in KEY) != tuple(rec.get(k) for k in KEY)]
         records.append(rec)
@@ -148,6 +162,7 @@ def run_one(args, method: str, bits: str) -> dict:
     rec = {"model": info.name, "corpus": args.corpus, "seqlen": args.seqlen, "method": method,
            "bits": "fp" if method == "fp16" else bits, "ppl": round(res["ppl"], 4), "windows": res["windows"],
            "tokens": res["tokens"], "seed": args.seed, "model_source": info.source, "hardware": hardware(),
+           "threads": None if torch.cuda.is_available() else torch.get_num_threads(),
            "eval_seconds": round(time.perf_counter() - t, 1), "compile_seconds": round(t_cal, 1)}
     if calib_rec:
         rec |= {"calib": calib_rec, "calib_seconds": round(t_cal, 1)}
