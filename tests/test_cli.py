@@ -51,7 +51,7 @@ def test_top_level_help_lists_commands(capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["compile", "--bits", "w9a8"], "w9a8"),
     (["compile", "--calib-samples", "0"], "integer >= 1"),
-    (["compile", "--method", "gptq"], "invalid choice"),
+    (["compile", "--method", "awq"], "invalid choice"),
     (["eval", "--limit", "x"], "not an integer"),
     (["report", "/nonexistent/dir"], "no report at"),
     (["export", "--out", "model.txt"], ".onnx"),

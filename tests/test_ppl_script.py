@@ -36,11 +36,20 @@ def test_records_of_other_windows_hardware_or_recipe_are_kept_and_tabled_apart(t
     recs = _merge(tmp_path, [_rec("abq", "w4a4", 140.0, calib=LONG)], "third")
     assert len(recs) == 7 and sorted(r["ppl"] for r in recs if r["method"] == "abq") == [90.5, 140.0, 211.0]
     md = (tmp_path / "ppl.md").read_text()
-    assert md.count("FP baseline") == 2 and "(CPU x86_64 x2 threads)" in md and f"({GPU})" in md
+    assert md.count("FP baseline") == 2 and "(CPU x86_64)" in md and f"({GPU})" in md
     short, long_ = ppl._recipe(SHORT), ppl._recipe(LONG)
     assert "batch 4" in short and "batch 1" in long_
-    cpu = md.split("(CPU x86_64 x2 threads)")[1].split("## All records")[0]
+    cpu = md.split("(CPU x86_64)")[1].split("## All records")[0]
     t_short = cpu.split(f"Calibration {short}:")[1].split("Calibration")[0]
     t_long = cpu.split(f"Calibration {long_}:")[1].split("Calibration")[0]
     assert "| bits | rtn | abq | abq+rot |" in t_short and "| w4a4 | 1400.000 (+7268.4%) | 211.000" in t_short
     assert "| bits | rtn | abq |" in t_long and "140.000" in t_long and "211.000" not in t_long
+
+
+def test_cpu_records_with_other_thread_shares_share_one_table(tmp_path):
+    """A job's thread count is its own field: "CPU x86_64 x1 threads" (old form) tables with x2 rows."""
+    recs = _merge(tmp_path, [_rec("fp16", "fp", 19.0), _rec("rtn", "w4a4", 1400.0),
+                             _rec("gptq", "w4a4", 1090.0, "CPU x86_64 x1 threads", calib=SHORT)], "c")
+    assert {r["hardware"] for r in recs} == {"CPU x86_64"} and sorted(r["threads"] for r in recs) == [1, 2, 2]
+    md = (tmp_path / "ppl.md").read_text()
+    assert md.count("FP baseline") == 1 and "| w4a4 | 1400.000 (+7268.4%) | 1090.000 (+5636.8%) |" in md
