@@ -247,7 +247,7 @@ def test_calibration_errors_name_the_fix():
     with pytest.raises(AbqcError, match="unknown loss terms"):
         abqc.compile(m, "w4a8", calib=_ids(), calib_options={"loss": {"l1": 1}})
     with pytest.raises(AbqcError, match="unknown method"):
-        abqc.compile(m, "w4a8", calib=_ids(), method="gptq")
+        abqc.compile(m, "w4a8", calib=_ids(), method="awq")
     with pytest.raises(AbqcError, match="not both"):
         abqc.compile(m, "w4a8", calib=_ids(), method="abq", passes=["rtn", "lower"])
     with pytest.raises(AbqcError, match="calibration"):
