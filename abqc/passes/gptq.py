@@ -96,10 +96,14 @@ def gptq(captured: CapturedModel, ctx: PassContext):
                 continue
             grams = {}
 
-            def observe(role, x, todo=todo, grams=grams):
+            last = {}   # q/k/v (and gate/up) see the same input: one Gram product per input and bit pair
+
+            def observe(role, x, todo=todo, grams=grams, last=last):
                 if role in todo:
-                    x2 = _act(pairs[role], ctx.act_symmetric)(x).reshape(-1, x.shape[-1]).float()
-                    grams[role] = grams.get(role, 0) + x2.T @ x2
+                    if last.get("x") is not x or last.get("pair") != pairs[role]:
+                        x2 = _act(pairs[role], ctx.act_symmetric)(x).reshape(-1, x.shape[-1]).float()
+                        last.update(x=x, pair=pairs[role], gram=x2.T @ x2)
+                    grams[role] = grams.get(role, 0) + last["gram"]
             batched(lambda xb: bm.forward(xb, rope, w_fp, linear_fn, observe=observe)[0], x_q)
             for role in todo:
                 pair, qw = qweights[(block.index, role)]
