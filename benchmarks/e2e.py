@@ -273,6 +273,76 @@ def static_decode(model, ids: torch.Tensor, steps: int, graph: bool) -> tuple[fl
     return tpot, torch.cat(toks, 1)
 
 
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if n.startswith("abqc_"):
+        return "abqc " + n.split("_")[1] + ("" if n.split("_")[1] not in ("quant", "int8") else "_" + n.split("_")[2])
+    if any(t in n for t in ("gemv", "gemm", "xmma", "cutlass", "splitk", "matmul", "int8", "cublas")):
+        return "GEMM/GEMV (cuBLAS & co.)"
+    if "attention" in n or "fmha" in n or "flash" in n or "sdpa" in n:
+        return "attention"
+    return "other (elementwise, norms, copies, reductions)"
+
+
+@torch.no_grad()
+def profile_decode(model, ids: torch.Tensor, steps: int = 4) -> dict:
+    """GPU kernel time of eager static-cache decode steps by kernel kind and name (torch.profiler, CUPTI):
+    what a CUDA-graph step cannot be faster than. Batch = ids rows; launches per step counted too."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+    dev, p = ids.device, ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + steps + WARM_STEPS + 1)
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **_positions(model, torch.arange(p, device=dev)))
+    tok, cur = _next(out.logits), torch.full((1,), p, dtype=torch.long, device=dev)
+
+    def step():
+        o = model(tok, past_key_values=cache, use_cache=True, **_positions(model, cur))
+        tok.copy_(_next(o.logits))
+        cur.add_(1)
+
+    for _ in range(WARM_STEPS):
+        step()
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(dev)
+    names: dict = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = getattr(e, "cuda_time_total", 0) if us is None else us
+        if us and e.count:
+            names[e.key] = (names.get(e.key, (0, 0))[0] + us / steps, names.get(e.key, (0, 0))[1] + e.count / steps)
+    kinds: dict = {}
+    for name, (us, n) in names.items():
+        k = kinds.setdefault(_kernel_kind(name), [0.0, 0.0])
+        k[0] += us
+        k[1] += n
+    top = sorted(names.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"steps": steps, "kernel_us_per_step": round(sum(v[0] for v in names.values()), 1),
+            "launches_per_step": round(sum(v[1] for v in names.values()), 1),
+            "kinds": {k: {"us": round(v[0], 1), "launches": round(v[1], 1)} for k, v in
+                      sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+            "top": [{"name": n[:90], "us": round(v[0], 1), "launches": round(v[1], 1)} for n, v in top]}
+
+
+def write_profile(profiles: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_profile.json").write_text(json.dumps(profiles, indent=1))
+    lines = ["# Decode step: GPU kernel time by kind (torch.profiler)", "",
+             "Eager static-cache decode steps, averaged; the sum of kernel times is a floor for the CUDA-graph "
+             "step (a graph removes launch gaps, not kernels).", ""]
+    for p in profiles:
+        lines += [f"## {p['impl']} batch {p['batch']} ({p['gpu']})", "",
+                  f"{p['kernel_us_per_step']:.0f} µs of kernels in {p['launches_per_step']:.0f} launches per step.", "",
+                  "| kind | µs / step | launches / step |", "|---|---|---|"]
+        lines += [f"| {k} | {v['us']:.1f} | {v['launches']:.0f} |" for k, v in p["kinds"].items()]
+        lines += ["", "| kernel | µs / step | launches / step |", "|---|---|---|"]
+        lines += [f"| `{t['name']}` | {t['us']:.1f} | {t['launches']:.0f} |" for t in p["top"]] + [""]
+    (out / "e2e_profile.md").write_text("\n".join(lines))
+
+
 def measure(model, ids: torch.Tensor, steps: int, repeats: int, graphs: bool) -> dict:
     """Timings of one (impl, batch): medians over repeats after one warm-up, plus the static-cache check."""
     dev = ids.device
@@ -421,7 +491,7 @@ def measure_record(model, base: dict, ids: torch.Tensor, args, build_note: str, 
 
 
 def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command: str) -> list[dict]:
-    out, records = Path(args.out), []
+    out, records, profiles = Path(args.out), [], []
     if args.append and (out / "e2e.json").exists():
         redo = {(i, b) for i in args.impls for b in args.batches}
         records = [r for r in json.loads((out / "e2e.json").read_text()) if (r["impl"], r["batch"]) not in redo]
@@ -462,6 +532,13 @@ def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command:
                 continue
             rec = measure_record(model, base, prompts[b].to(device), args, build_note, wgib)
             records.append(rec)
+            if args.profile and b in args.profile and device.type == "cuda":
+                try:
+                    prof = profile_decode(model, prompts[b].to(device))
+                    profiles.append({"impl": impl, "batch": b, "gpu": base["gpu"], **prof})
+                    write_profile(profiles, out)
+                except Exception as e:   # the profile is extra: never lose the timings for it
+                    log(f"profile of {impl} batch {b} failed: {_line(e)}")
             write_results(records, out)
             log(f"{impl:>5} batch {b:>3}: TTFT {_fmt(rec['ttft_ms'])} ms, TPOT {_fmt(rec['tpot_ms'])} ms "
                 f"(graph {_fmt(rec['tpot_graph_ms'])}), peak {_fmt(rec['peak_mem_gib'])} GiB, weights {wgib:.3f} GiB"
@@ -511,6 +588,8 @@ def parse_args(argv):
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode timing")
     ap.add_argument("--w8a8-eager", action="store_true", help="do not torch.compile the W8A8 quantize/dequantize")
     ap.add_argument("--no-fuse", action="store_true", help="abqc rows: keep q/k/v and gate/up as separate linears")
+    ap.add_argument("--profile", nargs="*", type=int, default=None, metavar="BATCH",
+                    help="also profile decode kernels at these batches (default: batch 1) -> e2e_profile.{json,md}")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")
     ap.add_argument("--append", action="store_true",
                     help="keep the records of --out/e2e.json that this run does not redo (finish a run in parts)")
@@ -529,6 +608,8 @@ def parse_args(argv):
                               ("repeats", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if dry else full)
+    if args.profile is not None and not args.profile:
+        args.profile = [1]
     if args.out is None:   # a dry run must not overwrite the committed GPU results
         args.out = str(Path(tempfile.gettempdir()) / "abqc-e2e-dry-run" if dry else ROOT / "results")
     if min(args.batches) < 1 or args.prompt < 1 or args.steps < 1 or args.repeats < 1:

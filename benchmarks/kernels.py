@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
 FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
 
-    python benchmarks/kernels.py [--tune] [--quick] [--families gemv bmma int8]
+    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv bmma int8]
 
 Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
 of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
@@ -15,6 +15,7 @@ Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from abqc.runtime import cuda as rcuda  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
-FAMILIES = ("gemv", "bmma", "int8")
+FAMILIES = ("gemvq", "gemv", "bmma", "int8")
 
 
 def copy_bandwidth() -> float:
@@ -113,8 +114,10 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
                                  groups, ql.in_features, False, tile=tile)
 
+    # candidates are timed as the model runs them: each call of a replay reads another weight copy (from HBM)
+    copy = itertools.cycle(wts)
     if family is None:
-        plan = planner.choose(lambda tile: call(wt, tile), ql.out_features, groups * gw, gw, wt.shape[2],
+        plan = planner.choose(lambda tile: call(next(copy), tile), ql.out_features, groups * gw, gw, wt.shape[2],
                               pair.a_bits, m, arch, tune=tune)
         tile = tuple(plan["tile"])
     else:
@@ -122,7 +125,7 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups):
             if t[0] == family:
                 try:
-                    timed.append((planner.time_us(lambda: call(wt, t)), t))
+                    timed.append((planner.time_us(lambda: call(next(copy), t)), t))
                 except (RuntimeError, ValueError):
                     continue
         if not timed:
@@ -130,7 +133,9 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         tile = min(timed)[1]
     us = planner.time_us(rotating([lambda w=w: call(w, tile) for w in wts]), iters=1) / len(wts)
     # breakdown: the activation quantizer alone, and the rest (GEMM; for int8: unpack + _int_mm + epilogue)
-    if tile[0] == "int8":
+    if tile[0] == "gemvq":
+        note = "activation quantization inside the GEMV (one launch)"
+    elif tile[0] == "int8":
         pack_us = planner.time_us(lambda: rcuda.quant_int8(x, pair.a_bits, gw, ql.in_features, False,
                                                             rcuda.INT8_MIN_ROWS))
         note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, unpack + _int_mm + epilogue " \
@@ -152,6 +157,9 @@ def main(argv=None):
     ap.add_argument("--tune-max-m", type=int, default=1 << 30,
                     help="with --tune, tune only shapes with M up to this (larger M use the planner default)")
     ap.add_argument("--bits", nargs="+", default=BITS)
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES], metavar="NxK",
+                    help="linear shapes N x K, in this order (default: the LLaMA-7B ones)")
+    ap.add_argument("--ms", nargs="+", type=int, default=None, help="token counts M (default: all; --quick: 4)")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES,
                     help="also time the best tile of each of these kernel families (a row each where it applies)")
     ap.add_argument("--out", default=str(ROOT / "results"))
@@ -164,7 +172,11 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
-    ms = [1, 8, 128, 2048] if args.quick else MS
+    ms = args.ms or ([1, 8, 128, 2048] if args.quick else MS)
+    try:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
+    except ValueError:
+        sys.exit(f"--shapes takes N x K pairs like 4096x11008, got {args.shapes}")
     records = []
 
     def add(impl, bits, m, n, k, us, ops_count, wbytes=None, note="", tile=None):
@@ -179,8 +191,10 @@ def main(argv=None):
               + (f"  bw {rec['weight_bw_frac']:.2f}" if rec["weight_bw_frac"] else "") + (f"  {note}" if note else ""),
               flush=True)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     layers = {}
-    for n, k in SHAPES:
+    for n, k in shapes:
         for bits in args.bits:
             layers[(bits, n, k)] = abqc_layer(bits, n, k)
         for m in ms:
@@ -205,10 +219,11 @@ def main(argv=None):
                     if got:
                         us, tile, wbytes, note = got
                         add(f"abqc-{family}", bits, m, n, k, us, flop, wbytes, f"best {family} tile; {note}", tile)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(records, indent=1))
-    write_md(records, out / "kernels.md", bw)
+            # written after every M: a run cut short (device time limits) keeps what it measured
+            (out / "kernels.json").write_text(json.dumps(records, indent=1))
+            write_md(records, out / "kernels.md", bw)
+        for bits in args.bits:      # this shape's layers (and their weight copies) are done
+            del layers[(bits, n, k)]
 
 
 def write_md(records, path, bw):

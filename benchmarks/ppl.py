@@ -31,8 +31,8 @@ import abqc  # noqa: E402
 from abqc import data  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
-METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq")
-CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq")
+METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
+CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
 DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16", "w2a16", "w2*a16")
 
 

@@ -72,6 +72,40 @@ def test_quant_pack_matches_cpu(q, dtype, symmetric):
         assert torch.equal(planes.cpu(), ref_planes) and torch.equal(got_sums, ref_sums)
 
 
+@pytest.mark.parametrize("p,q", list(itertools.product(range(1, 9), range(1, 9))))
+def test_gemv_quantizing_in_kernel_exact_all_pairs(p, q):
+    """The "gemvq" family (one launch, activations quantized in-kernel): its integer accumulators equal the
+    CPU reference's codes multiplied out, and its output equals the packer + "gemv" launch pair's exactly."""
+    gen = torch.Generator().manual_seed(1000 + 10 * p + q)
+    for (m, n, k), dtype, sym in itertools.product([(1, 37, 77), (2, 130, 300), (8, 48, 513), (4, 200, 4096)],
+                                                   (torch.float32, torch.float16, torch.bfloat16), (False, True)):
+        if m > max(gemv_max_tokens(p, q)) or (sym and q == 1):
+            continue
+        x = (torch.randn(m, k, generator=gen) * torch.linspace(0.05, 3, m)[:, None]).to(dtype)
+        x[0, :: 7] = 0.0
+        if m > 1:
+            x[1] = x[1].abs()                         # an all-positive token: zero point at the grid's end
+        kw = -(-k // 32)
+        uw = torch.randint(0, 2 ** p, (n, k), generator=gen)
+        wt = layout.tile_weights(quant.pack_bitplanes(uw, p, pad_to=kw * 32).cuda(), kw)
+        ua, _, _, _ = ops.quantize_activation_padded(x.float(), q, k, k, sym)
+        expect = ua[:, :k].long() @ uw.T
+        w_scale = torch.rand(n, 1, generator=gen).cuda() + 0.5
+        w_zero = torch.randint(0, 2 ** p, (n, 1), generator=gen, dtype=torch.int32).cuda()
+        w_sum = uw.sum(1, keepdim=True).int().cuda()
+        packed = cuda.quant_pack(x.cuda(), q, kw, 1, k, sym)
+        epi = cuda.epilogue_args(w_scale, w_zero, w_sum, packed)
+        for wk, mt in itertools.product((2, 8), [t for t in gemv_max_tokens(p, q) if m <= t]):
+            for u in gemv_channel_tiles(p, q, mt):
+                tile = ("gemvq", wk, mt, u)
+                got = cuda.gemv_quant(x.cuda(), wt, w_scale, w_zero, w_sum, None, n, q, kw, k, sym, tile,
+                                      integer=True).cpu()
+                assert torch.equal(got[..., 0].long(), expect), (m, n, k, dtype, sym, tile)
+                y = cuda.gemv_quant(x.cuda(), wt, w_scale, w_zero, w_sum, None, n, q, kw, k, sym, tile)
+                ref = cuda.bmma(wt, packed[0], n, k, kw, 1, epi, ("gemv", wk, mt, u), x.dtype)
+                assert torch.equal(y, ref), (m, n, k, dtype, sym, tile)
+
+
 @pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32"])
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
 def test_fused_linear_matches_reference(bits, m):
@@ -85,9 +119,13 @@ def test_fused_linear_matches_reference(bits, m):
     qg = QuantLinear.from_linear(lin, pair, qw).cuda()
     y32 = qg(x.cuda()).cpu()
     torch.testing.assert_close(y32, ref, rtol=2e-5, atol=2e-5)
-    if qg.group_words_and_count()[1] == 1:          # per-channel: the INT8 family too
-        qg.tile = ("int8", 0, 0)
-        torch.testing.assert_close(qg(x.cuda()).cpu(), ref, rtol=2e-5, atol=2e-5)
+    if qg.group_words_and_count()[1] == 1:          # per-channel: the INT8 family too, and gemvq at few tokens
+        tiles = [("int8", 0, 0)]
+        mt = max(gemv_max_tokens(qg.planes, pair.a_bits))
+        tiles += [("gemvq", 4, mt, 1)] if m <= mt else []
+        for tile in tiles:
+            qg.tile = tile
+            torch.testing.assert_close(qg(x.cuda()).cpu(), ref, rtol=2e-5, atol=2e-5)
         qg.tile = None
     xh = x.half()
     y16 = qg(xh.cuda()).float().cpu()

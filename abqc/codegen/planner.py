@@ -5,7 +5,8 @@ The runtime launches the cached plan's tile when there is one (`runtime.cuda.lau
 implicitly.
 
 Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
-planes in the MMA N dimension) and "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
+planes in the MMA N dimension), "gemvq" (the same GEMV build quantizing its activations in-kernel, no
+packing launch) and "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
 torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call, a two-kernel stand-in for
 an in-kernel unpack). A Hopper wgmma b1 family is to compete here when it lands.
 
@@ -81,7 +82,7 @@ def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
     out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
     mt = gemv_tokens(m, p, q)
     if groups == 1 and mt:
-        out += [("gemv", wk, mt, u) for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
+        out += [(f, wk, mt, u) for f in ("gemv", "gemvq") for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
         out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
     return out

@@ -35,6 +35,7 @@ METHODS = {
     "gptq": ("rtn", "gptq", "lower"),                        # RTN's grid, codes re-rounded by GPTQ
     "rot+gptq": ("rotate", "rtn", "gptq", "lower"),          # QuaRot's recipe: rotation, then GPTQ
     "abq+gptq": ("sensitivity", "abq", "gptq", "lower"),     # ABQ's learned grid, codes re-rounded by GPTQ
+    "abq+rot+gptq": ("rotate", "sensitivity", "abq", "gptq", "lower"),   # all three: rotate, learn the grid, GPTQ
 }
 CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse", "gptq")   # passes that need calibration ids
 

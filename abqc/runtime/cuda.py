@@ -28,7 +28,8 @@ class _Args(ctypes.Structure):
                 ("w_scale", ctypes.c_void_p), ("w_zero", ctypes.c_void_p), ("w_sum", ctypes.c_void_p),
                 ("a_scale", ctypes.c_void_p), ("a_zero", ctypes.c_void_p), ("a_sum", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int),
-                ("stage_stride", ctypes.c_int), ("a_parts", ctypes.c_int)]
+                ("stage_stride", ctypes.c_int), ("a_parts", ctypes.c_int),
+                ("x", ctypes.c_void_p), ("x_dtype", ctypes.c_int), ("symmetric", ctypes.c_int)]
 
 
 class _QArgs(ctypes.Structure):
@@ -239,13 +240,18 @@ def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     return out
 
 
+GEMVQ_MAX_WORDS = 256   # default: every gemv block re-quantizes up to this many activation words (M * K / 32)
+
+
 def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
     """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
     (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
-    planes; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
+    planes: "gemvq" (quantizing in-kernel) for at most GEMVQ_MAX_WORDS activation words, else "gemv"
+    after the packer; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
     mt = gemv_tokens(m, p, q) if groups == 1 else None
-    if mt:
-        return "gemv", 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
+    if mt:   # short rows are quantized inside the GEMV (no packing launch); long ones by the packer
+        family = "gemvq" if m * k_steps * 8 <= GEMVQ_MAX_WORDS else "gemv"
+        return family, 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
     tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m))
     return "bmma", 4 if k_steps >= 8 else 2, tm
 
@@ -279,6 +285,10 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
         raise ValueError("tiled weights do not match the activation planes' K layout")
     dev = a_planes.device
     family, wk, tm, *rest = tile or launch_tile(m, p, q, n, kw, group_words, arch_of(dev))
+    if family == "gemvq":   # bmma() takes packed planes: the quantizing GEMV reads them like "gemv"
+        family = "gemv"
+    if family not in ("gemv", "bmma"):
+        raise ValueError(f"bmma() launches the bit-plane families gemv / bmma, not {family!r} (bmma_linear does)")
     ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
            else torch.empty(m, n, dtype=out_dtype, device=dev))
@@ -291,16 +301,9 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
                  _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(a_sum),
                  _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype], 0,
                  a_sum.shape[1] if a_sum is not None and groups == 1 else 1)
-    stride = kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
+    stride = _stage_stride(kw)
     if family == "gemv":
-        if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
-            raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
-        smem = m * q * stride * 4 + wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
-        if smem > MAX_SMEM:
-            raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
-        args.stage_stride = stride
-        _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev), ntw), dev)
-        _launch(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
+        _launch_gemv(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev)
         return out
     _, fn = function(KernelConfig("bmma", q, p, tm, arch_of(dev)), dev)
     red = wk * 32 * tm * 4 * 4
@@ -310,6 +313,47 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     else:
         stage = 0
     _launch(fn, (nt, -(-m // (8 * tm))), wk * 32, red + stage, args, dev)
+    return out
+
+
+def _stage_stride(kw: int) -> int:
+    return kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
+
+
+def _launch_gemv(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev) -> None:
+    wk, tm, ntw = tile
+    if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
+        raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
+    smem = m * q * stride * 4 + wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
+    if smem > MAX_SMEM:
+        raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
+    args.stage_stride = stride
+    _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev), ntw), dev)
+    _launch(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
+
+
+def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+               words: int, in_features: int, act_symmetric: bool, tile: tuple, integer: bool = False):
+    """The "gemvq" family: one gemv launch that quantizes and packs x [M, K] itself (per-channel weights,
+    M <= the build's tokens). y [M, N] in x's dtype, or integer=True: the int32 accumulators [M, N, 1].
+    tile = ("gemvq", warps splitting K, max tokens, channel tiles per warp)."""
+    require_cuda("abqc.runtime.cuda.gemv_quant()", x, w_tiled)
+    x = x.contiguous()
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
+    m, dev = x.shape[0], x.device
+    nt, steps, p = w_tiled.shape[:3]
+    if steps != layout.steps_per_group(words) or nt * 16 < n:
+        raise ValueError("the gemvq family serves per-channel weights: tiled weights do not match one K group")
+    out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if integer
+           else torch.empty(m, n, dtype=x.dtype, device=dev))
+    if m == 0 or n == 0:
+        return out
+    args = _Args(w_tiled.data_ptr(), None, m, n, in_features, 1, words, steps,
+                 _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), None, None, None, _ptr(bias), out.data_ptr(),
+                 0 if integer else _DTYPE_CODE[x.dtype], 0, 1, x.data_ptr(), _DTYPE_CODE[x.dtype],
+                 int(act_symmetric))
+    _launch_gemv(args, m, a_bits, p, nt, 1, tuple(tile[1:4]), _stage_stride(words), dev)
     return out
 
 
@@ -323,10 +367,16 @@ def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None) -> torch.Tensor:
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
-    (or, for an ("int8", ...) tile, the INT8 family: int8_linear)."""
+    (or, for a ("gemvq", ...) tile, one GEMV launch that quantizes in-kernel: gemv_quant; for an
+    ("int8", ...) tile, the INT8 family: int8_linear)."""
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
+    if tile[0] == "gemvq":
+        if groups != 1:
+            raise ValueError("the gemvq family serves per-channel weights only")
+        return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
+                          act_symmetric, tile)
     if tile[0] == "int8":
         if groups != 1:
             raise ValueError("the int8 family serves per-channel weights only")

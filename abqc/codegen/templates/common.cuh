@@ -30,6 +30,9 @@ struct Args {
   int mode;
   int stage_stride;     // > 0: the block copies its activation rows to shared memory with this row stride
   int a_parts;          // per-channel (G == 1): a_sum holds this many partial sums per token
+  const void *x;        // gemv only: non-null = quantize these activations [M][K] in the kernel (act unused)
+  int x_dtype;          // 1 f32, 2 f16, 3 bf16
+  int symmetric;        // activation grid of x: symmetric (zero 2^(Q-1)) or asymmetric
 };
 
 __device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
@@ -54,16 +57,21 @@ __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, u
 }
 #endif
 
-// Exact zero-point correction of one group, scaled by the weight scale.
-__device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {
+// Exact zero-point correction of one group (activation zero za, activation code sum sa over the
+// group), scaled by the weight scale.
+__device__ __forceinline__ float group_term_of(const Args &a, int n, int grp, int c, i64 za, i64 sa) {
   const int gs = a.gw * 32;
   const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1);
-  const i64 zw = a.w_zero[(i64)n * a.G + grp], za = a.a_zero[m];
+  const i64 zw = a.w_zero[(i64)n * a.G + grp];
+  const i64 tv = (i64)c - zw * sa - za * a.w_sum[(i64)n * a.G + grp] + kg * za * zw;
+  return a.w_scale[(i64)n * a.G + grp] * (float)tv;
+}
+
+__device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {
   i64 sa = 0;
   if (a.G == 1) { for (int p = 0; p < a.a_parts; ++p) sa += a.a_sum[(i64)m * a.a_parts + p]; }
   else sa = a.a_sum[(i64)m * a.G + grp];
-  const i64 tv = (i64)c - zw * sa - za * a.w_sum[(i64)n * a.G + grp] + kg * za * zw;
-  return a.w_scale[(i64)n * a.G + grp] * (float)tv;
+  return group_term_of(a, n, grp, c, a.a_zero[m], sa);
 }
 
 // Stage activation rows [rows][KW] (row r at act + row_offset(r)) into shared memory with stride `stride`.

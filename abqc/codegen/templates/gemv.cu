@@ -8,6 +8,9 @@
 // NTW channel tiles, so the staged activations are amortised over NTW times more weight bytes.
 // Weight planes accumulate separately (acc[u][i]); the shifts 2^i and 2^j, the K-split reduction
 // and the epilogue run once, at the end, via shared memory.
+// Launched with Args.x set, the kernel quantizes and packs the activations itself (quant_rows): every
+// block re-derives the few token rows' codes from L2, which costs less at decode than a separate
+// packing launch and its round trip through memory.
 #define NCOL (MT * Q)
 #define TN ((NCOL + 7) / 8)
 #define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : (P == 2 ? 6 : 8)))))
@@ -24,22 +27,155 @@ __device__ __forceinline__ void load_tiles(const Args &a, int nt0, int nts, int 
   }
 }
 
+__device__ __forceinline__ float x_at(const Args &a, i64 i) {
+  if (a.x_dtype == 1) return __ldg((const float *)a.x + i);
+  const unsigned short h = __ldg((const unsigned short *)a.x + i);
+  if (a.x_dtype == 3) return __uint_as_float(((u32)h) << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+  return v;
+}
+
+// x / y rounded to nearest, as IEEE division gives it, without the division's out-of-line slow path:
+// the compiler's own fast path (reciprocal, one Newton step, one residual correction), which is exact
+// wherever its range check passes. Here y is a scale >= 1e-8 or qmax and |x / y| <= 2^Q, so the check
+// fails only for a denormal x, whose quotient (< 1e-30) rounds to the same integer code, 0. The slow
+// path's call would make every live register of this kernel obey the call ABI (spills in the MMA loop).
+__device__ __forceinline__ float div_rn(float x, float y) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  const float r1 = __fmaf_rn(r, __fmaf_rn(-y, r, 1.f), r), q = __fmaf_rn(x, r1, 0.f);
+  return __fmaf_rn(r1, __fmaf_rn(-y, q, x), q);
+}
+
+__device__ __forceinline__ void minmax2(u32 w, int bf, float &lo, float &hi) {
+  const unsigned short h0 = (unsigned short)(w & 0xffff), h1 = (unsigned short)(w >> 16);
+  float f0, f1;
+  if (bf) { f0 = __uint_as_float(((u32)h0) << 16); f1 = __uint_as_float(((u32)h1) << 16); }
+  else {
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f0) : "h"(h0));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f1) : "h"(h1));
+  }
+  lo = fminf(lo, fminf(f0, f1)); hi = fmaxf(hi, fmaxf(f0, f1));
+}
+
+// Per-token dynamic quantization of x [M][K] into the staged rows (row m*Q + j = plane j of token m),
+// with quant_pack.cu's float32 arithmetic, so the codes, scale, zero and code sum equal the packer's.
+__device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, float *qs, int *qz, int *qsum,
+                                           float *rlo, float *rhi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, kw = a.gw;
+  const int esz = a.x_dtype == 1 ? 4 : 2, per_vec = 16 / esz;
+  const bool vec = a.K % per_vec == 0 && (((unsigned long long)a.x) & 15) == 0;
+  for (int m = 0; m < a.M; ++m) {   // a runtime loop of scalars: nothing held across tokens
+    float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+    if (vec) {
+      const uint4 *row = (const uint4 *)((const char *)a.x + (i64)m * a.K * esz);
+      for (int v = threadIdx.x; v < a.K / per_vec; v += blockDim.x) {
+        const uint4 r = __ldg(row + v);
+        if (a.x_dtype == 1) {
+          lo = fminf(lo, fminf(fminf(__uint_as_float(r.x), __uint_as_float(r.y)),
+                               fminf(__uint_as_float(r.z), __uint_as_float(r.w))));
+          hi = fmaxf(hi, fmaxf(fmaxf(__uint_as_float(r.x), __uint_as_float(r.y)),
+                               fmaxf(__uint_as_float(r.z), __uint_as_float(r.w))));
+        } else {
+          minmax2(r.x, a.x_dtype == 3, lo, hi); minmax2(r.y, a.x_dtype == 3, lo, hi);
+          minmax2(r.z, a.x_dtype == 3, lo, hi); minmax2(r.w, a.x_dtype == 3, lo, hi);
+        }
+      }
+    } else {
+      for (int k = threadIdx.x; k < a.K; k += blockDim.x) {
+        const float f = x_at(a, (i64)m * a.K + k);
+        lo = fminf(lo, f); hi = fmaxf(hi, f);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    if (lane == 0) { rlo[warp * MT + m] = lo; rhi[warp * MT + m] = hi; }
+  }
+  __syncthreads();
+  const int qmax = (1 << Q) - 1;
+  if (threadIdx.x < a.M) {
+    const int m = threadIdx.x;
+    float l = rlo[m], h = rhi[m];
+    for (int w = 1; w < nw; ++w) { l = fminf(l, rlo[w * MT + m]); h = fmaxf(h, rhi[w * MT + m]); }
+    float scale, zero;
+    if (a.symmetric) {
+      const float absmax = fmaxf(fabsf(h), fabsf(l));
+      scale = fmaxf(div_rn(absmax, (float)((1 << (Q - 1)) - 1)), 1e-8f);
+      zero = (float)(1 << (Q - 1));
+    } else {
+      const float mn = fminf(l, 0.f), mx = fmaxf(h, 0.f);
+      scale = fmaxf(div_rn(mx - mn, (float)qmax), 1e-8f);
+      zero = fminf(fmaxf(rintf(div_rn(-mn, scale)), 0.f), (float)qmax);
+    }
+    qs[m] = scale; qz[m] = (int)zero; qsum[m] = 0;
+  }
+  __syncthreads();
+  // 4 words per warp in flight: their loads are issued together (the row is in L1/L2 after the pass above)
+  const int total = a.M * kw;
+  for (int i0 = warp; i0 < total; i0 += 4 * nw) {
+    float v[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int idx = i0 + r * nw, m = idx / kw, k = (idx - m * kw) * 32 + lane;
+      v[r] = idx < total && k < a.K ? x_at(a, (i64)m * a.K + k) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int idx = i0 + r * nw;
+      if (idx >= total) break;
+      const int m = idx / kw, w = idx - m * kw, k = w * 32 + lane;
+      int u = 0;
+      if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(v[r], qs[m])) + (float)qz[m], 0.f), (float)qmax);
+      u32 mine = 0;
+#pragma unroll
+      for (int j = 0; j < Q; ++j) {
+        const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+        if (lane == j) mine = bits;
+      }
+      if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
+      int sum = u;
+#pragma unroll
+      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane == 0) atomicAdd(&qsum[m], sum);
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
   // shared memory: staged activation rows [M*Q][stride], then int partials [WK][16*NTW][TN*8]
   extern __shared__ u32 sm[];
+  __shared__ float qs[MT], rlo[8 * MT], rhi[8 * MT];   // in-kernel quantization: scale, min/max partials
+  __shared__ int qz[MT], qsum[MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, WK = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3, nt0 = blockIdx.x * NTW, nts = (a.N + 15) / 16;
   const int kw = a.gw, steps = a.SG, ncol = a.M * Q, stride = a.stage_stride;
   u32 *xs = sm;
   int *red = (int *)(sm + ncol * stride);
 
+  if (a.x) {
+    // the block's weights head for L2 while it quantizes (prefetches hold no registers, so nothing is
+    // live across quant_rows' division); the loads below then hit L2
+    const int tiles = min(NTW, nts - nt0);
+    const uint4 *pw = a.wt + (i64)nt0 * steps * P * 32 + lane;
+    for (int idx = warp; idx < tiles * steps; idx += WK) {   // (tile, step) pairs, P planes each
+      const uint4 *src = pw + (i64)idx * P * 32;
+      for (int i = 0; i < P; ++i) asm volatile("prefetch.global.L2 [%0];" ::"l"(src + i * 32));
+    }
+    quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi);
+  }
   uint4 wb[PF][NTW][P];
 #pragma unroll
   for (int b = 0; b < PF; ++b)
     if (warp + b * WK < steps) load_tiles(a, nt0, nts, warp + b * WK, lane, wb[b]);
   // row c = m*Q + j holds plane j of token m
-  stage_rows(xs, a.act, ncol, kw, stride, [&](int c) { return ((i64)(c % Q) * a.M + c / Q) * kw; });
-  asm volatile("cp.async.wait_all;\n" ::);
+  if (!a.x) {
+    stage_rows(xs, a.act, ncol, kw, stride, [&](int c) { return ((i64)(c % Q) * a.M + c / Q) * kw; });
+    asm volatile("cp.async.wait_all;\n" ::);
+  }
   __syncthreads();
 
   int acc[NTW][P][TN][4];
@@ -99,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
 #pragma unroll
       for (int j = 0; j < Q; ++j) c += red[(w * 16 * NTW + nl) * (TN * 8) + m * Q + j] << j;
     if (a.mode == 0) { ((int *)a.out)[(i64)m * a.N + n] = c; continue; }
-    float y = group_term(a, n, m, 0, c) * a.a_scale[m];
+    float y = a.x ? group_term_of(a, n, 0, c, qz[m], qsum[m]) * qs[m] : group_term(a, n, m, 0, c) * a.a_scale[m];
     if (a.bias) y += a.bias[n];
     store_y(a.out, a.mode, (i64)m * a.N + n, y);
   }
