@@ -145,7 +145,7 @@ __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, f
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const Args a) {
+extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   // shared memory: staged activation rows [M*Q][stride], then int partials [WK][16*NTW][TN*8]
   extern __shared__ u32 sm[];
   __shared__ float qs[MT], rlo[8 * MT], rhi[8 * MT];   // in-kernel quantization: scale, min/max partials
