@@ -7,6 +7,7 @@ weights it has tiled once. Launches go on torch's current stream, so CUDA graphs
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -84,7 +85,26 @@ def require_cuda(what: str, *tensors: torch.Tensor) -> None:
         raise AbqcError(f"{what} takes CUDA tensors, got one on {off}: move the model and inputs with .cuda()")
 
 
+@functools.lru_cache(maxsize=None)
+def _config(family: str, a_bits: int, w_planes: int, token_tiles: int, arch: str, n_tiles: int = 1) -> KernelConfig:
+    """KernelConfig, built (and validated) once per launch kind: launches run per layer per token."""
+    return KernelConfig(family, a_bits, w_planes, token_tiles, arch, n_tiles)
+
+
+_ARCH: dict = {}
+
+
 def arch_of(device: torch.device) -> str:
+    """The compile target of a CUDA device ("sm_90a" for Hopper); memoised per device index."""
+    index = device.index if device.index is not None else (torch.cuda.current_device()
+                                                           if torch.cuda.is_available() else None)
+    arch = _ARCH.get(index)
+    if arch is None:
+        arch = _ARCH[index] = _arch(device)
+    return arch
+
+
+def _arch(device: torch.device) -> str:
     require_cuda("abqc.runtime.cuda.arch_of()")
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
@@ -133,14 +153,26 @@ def function(cfg: KernelConfig, device: torch.device):
         return _FUNCS[key]
 
 
-def _launch(fn, grid, block, smem, args_struct, device):
+def _prepared(fn, grid, block, smem, args_struct, device):
+    """A no-argument callable launching fn with args_struct's contents at call time, on torch's current
+    stream then (CUDA-graph capture runs on a side stream)."""
     drv = _drv()
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args_struct))
-    stream = torch.cuda.current_stream(device).cuda_stream
     z = grid[2] if len(grid) > 2 else 1      # a third grid dimension: the CUTLASS path's K groups
-    err, = drv.cuLaunchKernel(fn, grid[0], grid[1], z, block, 1, 1, smem, drv.CUstream(stream),
-                              ctypes.addressof(params), 0)
-    _check(err, "cuLaunchKernel")
+    gx, gy, addr, launch, stream_of, ok = grid[0], grid[1], ctypes.addressof(params), drv.cuLaunchKernel, \
+        drv.CUstream, drv.CUresult.CUDA_SUCCESS
+    current = torch.cuda.current_stream
+
+    def run():
+        err, = launch(fn, gx, gy, z, block, 1, 1, smem, stream_of(current(device).cuda_stream), addr, 0)
+        if err != ok:
+            raise RuntimeError(f"CUDA driver error in cuLaunchKernel: {err}")
+    run.keep = (params, args_struct)     # the parameter buffer must outlive every launch
+    return run
+
+
+def _launch(fn, grid, block, smem, args_struct, device):
+    _prepared(fn, grid, block, smem, args_struct, device)()
 
 
 def _ptr(t):
@@ -187,7 +219,7 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows)
     zero = torch.empty(m, dtype=torch.int32, device=dev)
     if m == 0:
         return out, sums, scale, zero
-    cfg = KernelConfig("quant_pack" if int8_rows is None else "quant_int8", a_bits, arch=arch_of(dev))
+    cfg = _config("quant_pack" if int8_rows is None else "quant_int8", a_bits, 0, 1, arch_of(dev))
     _, fn = function(cfg, dev)
     planes, codes = (out.data_ptr(), None) if int8_rows is None else (None, out.data_ptr())
     args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
@@ -213,7 +245,7 @@ def int8_weights(w_tiled: torch.Tensor, n: int, in_features: int, words: int) ->
     if rows > n:
         w8[n:].zero_()
     total = nt * steps * 128
-    _, fn = function(KernelConfig("int8_unpack", 8, arch=arch_of(dev)), dev)
+    _, fn = function(_config("int8_unpack", 8, 0, 1, arch_of(dev)), dev)
     _launch(fn, (-(-total // 256), 1), 256, 0,
             _UnpackArgs(w_tiled.data_ptr(), w8.data_ptr(), n, in_features, words * 32, p, steps, sg, words), dev)
     return w8
@@ -235,7 +267,7 @@ def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     args = _Int8EpiArgs(acc.data_ptr(), m, n, acc.shape[1], in_features, 1 << (a_bits - 1), 1 << (p - 1),
                         _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), _ptr(a_scale), _ptr(a_zero), _ptr(a_sum),
                         a_sum.shape[1], _ptr(bias), out.data_ptr(), 0 if integer else _DTYPE_CODE[x.dtype])
-    _, fn = function(KernelConfig("int8_epilogue", 8, arch=arch_of(dev)), dev)
+    _, fn = function(_config("int8_epilogue", 8, 0, 1, arch_of(dev)), dev)
     _launch(fn, (-(-m * n // 256), 1), 256, 0, args, dev)
     return out
 
@@ -303,9 +335,9 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
                  a_sum.shape[1] if a_sum is not None and groups == 1 else 1)
     stride = _stage_stride(kw)
     if family == "gemv":
-        _launch_gemv(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev)
+        _gemv_launch(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev)()
         return out
-    _, fn = function(KernelConfig("bmma", q, p, tm, arch_of(dev)), dev)
+    _, fn = function(_config("bmma", q, p, tm, arch_of(dev)), dev)
     red = wk * 32 * tm * 4 * 4
     stage = q * min(8 * tm, m) * stride * 4
     if red + stage <= min(STAGE_LIMIT, MAX_SMEM):
@@ -320,7 +352,8 @@ def _stage_stride(kw: int) -> int:
     return kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
 
 
-def _launch_gemv(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev) -> None:
+def _gemv_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev):
+    """Check a gemv launch and prepare it: a no-argument callable launching it with args' current contents."""
     wk, tm, ntw = tile
     if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
         raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
@@ -328,8 +361,42 @@ def _launch_gemv(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile
     if smem > MAX_SMEM:
         raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
     args.stage_stride = stride
-    _, fn = function(KernelConfig("gemv", q, p, tm, arch_of(dev), ntw), dev)
-    _launch(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
+    _, fn = function(_config("gemv", q, p, tm, arch_of(dev), ntw), dev)
+    return _prepared(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
+
+
+class GemvqLauncher:
+    """One "gemvq" launch with everything prepared except the activation and output pointers: the eager
+    decode path of a layer (HF generate() runs eagerly) costs one allocation and one cuLaunchKernel.
+    Built for one (M, dtype, device); it holds references to the tensors it points at."""
+
+    def __init__(self, x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                 words: int, in_features: int, act_symmetric: bool, tile: tuple, integer: bool = False):
+        require_cuda("abqc.runtime.cuda.gemv_quant()", x, w_tiled)
+        if x.dtype not in _DTYPE_CODE:
+            raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
+        nt, steps, p = w_tiled.shape[:3]
+        if steps != layout.steps_per_group(words) or nt * 16 < n:
+            raise ValueError("the gemvq family serves per-channel weights: tiled weights do not match one K group")
+        self.m, self.n, self.dev, self.integer = x.shape[0], n, x.device, integer
+        self.dtype = torch.int32 if integer else x.dtype
+        self.keep = (w_tiled, w_scale, w_zero, w_sum, bias)
+        self.args = _Args(w_tiled.data_ptr(), None, self.m, n, in_features, 1, words, steps,
+                          _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), None, None, None, _ptr(bias), None,
+                          0 if integer else _DTYPE_CODE[x.dtype], 0, 1, None, _DTYPE_CODE[x.dtype],
+                          int(act_symmetric))
+        self.launch = None
+        if self.m and n:
+            self.launch = _gemv_launch(self.args, self.m, a_bits, p, nt, 1, tuple(tile[1:4]), _stage_stride(words),
+                                       self.dev)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.m, self.n, 1) if self.integer else (self.m, self.n), dtype=self.dtype,
+                          device=self.dev)
+        if self.launch is not None:
+            self.args.x, self.args.out = x.data_ptr(), out.data_ptr()
+            self.launch()       # the driver copies the parameters at launch: the struct may change afterwards
+        return out
 
 
 def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
@@ -337,24 +404,22 @@ def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, b
     """The "gemvq" family: one gemv launch that quantizes and packs x [M, K] itself (per-channel weights,
     M <= the build's tokens). y [M, N] in x's dtype, or integer=True: the int32 accumulators [M, N, 1].
     tile = ("gemvq", warps splitting K, max tokens, channel tiles per warp)."""
-    require_cuda("abqc.runtime.cuda.gemv_quant()", x, w_tiled)
     x = x.contiguous()
-    if x.dtype not in _DTYPE_CODE:
-        raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
-    m, dev = x.shape[0], x.device
-    nt, steps, p = w_tiled.shape[:3]
-    if steps != layout.steps_per_group(words) or nt * 16 < n:
-        raise ValueError("the gemvq family serves per-channel weights: tiled weights do not match one K group")
-    out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if integer
-           else torch.empty(m, n, dtype=x.dtype, device=dev))
-    if m == 0 or n == 0:
-        return out
-    args = _Args(w_tiled.data_ptr(), None, m, n, in_features, 1, words, steps,
-                 _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), None, None, None, _ptr(bias), out.data_ptr(),
-                 0 if integer else _DTYPE_CODE[x.dtype], 0, 1, x.data_ptr(), _DTYPE_CODE[x.dtype],
-                 int(act_symmetric))
-    _launch_gemv(args, m, a_bits, p, nt, 1, tuple(tile[1:4]), _stage_stride(words), dev)
-    return out
+    return GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, words, in_features, act_symmetric,
+                         tile, integer)(x)
+
+
+def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                    group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None):
+    """A callable x -> y equal to bmma_linear(x, ...) for inputs of x's shape, dtype and device: a prepared
+    GemvqLauncher where the tile is "gemvq", else bmma_linear with the tile resolved once."""
+    tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
+                               arch_of(x.device))
+    if tile[0] == "gemvq" and groups == 1:
+        return GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
+                             act_symmetric, tile)
+    return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
+                                  in_features, act_symmetric, tile)
 
 
 def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
