@@ -144,3 +144,34 @@ def test_compiled_model_on_gpu_matches_cpu():
         q.cuda()
         got = q(ids.cuda()).logits.cpu()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_launches_follow_the_module():
+    """QuantLinear's per-(tokens, dtype) launchers give bmma_linear's output, and are rebuilt when the
+    module moves (new tiles and buffers), changes tile or loads other weights."""
+    torch.manual_seed(5)
+    pair = parse_pair("w2a8")
+    lin = torch.nn.Linear(256, 96, bias=True)
+    qw = quant.quantize_weight(lin.weight, pair.w_bits)
+    ql = QuantLinear.from_linear(lin, pair, qw).cuda()
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    gw, groups = ql.group_words_and_count()
+
+    def direct(m, tile=None):
+        return cuda.bmma_linear(x, m.tiled_weights(), m.w_scale, m.w_zero, m.w_sum, m.bias, m.out_features,
+                                pair.a_bits, gw, groups, m.in_features, False, tile=tile)
+
+    assert cuda.launch_tile(1, ql.planes, 8, 96, gw, gw, cuda.arch_of(x.device))[0] == "gemvq"
+    y1 = ql(x)
+    assert torch.equal(y1, direct(ql)) and torch.equal(ql(x), y1)        # the second call reuses the launcher
+    assert len(ql.__dict__["_launchers"]) == 1
+    ql.tile = ("gemv", 2, 1, 1)
+    assert torch.equal(ql(x), direct(ql, ("gemv", 2, 1, 1)))
+    ql.tile = None
+    ql.cpu().cuda()                                                       # new tiles and buffers
+    assert "_launchers" not in ql.__dict__ or not ql.__dict__["_launchers"]
+    assert torch.equal(ql(x), y1)
+    other = QuantLinear.from_linear(torch.nn.Linear(256, 96, bias=True), pair,
+                                    quant.quantize_weight(torch.randn(96, 256), pair.w_bits))
+    ql.load_state_dict(other.state_dict())
+    assert torch.equal(ql(x), direct(ql)) and not torch.equal(ql(x), y1)
