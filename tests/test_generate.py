@@ -123,6 +123,15 @@ def test_tiles_only_storage_round_trips(tiny_llama, monkeypatch):
         assert torch.equal(q(ids).logits, other(ids).logits)
     q.load_state_dict(sd)
     assert torch.equal(ql.w_planes, planes)
+    tiles = ql._w_tiled
+    import abqc.codegen.layout as layout_mod
+
+    def no_untile(*a, **k):
+        raise AssertionError("a float cast untiled the planes")
+    monkeypatch.setattr(layout_mod, "untile_weights", no_untile)
+    q.to(torch.bfloat16).to(torch.float32)         # float casts leave the integer tiles alone
+    assert ql._w_tiled is tiles and ql.w_scale.dtype == torch.float32
+    monkeypatch.undo()
     monkeypatch.setattr(QuantLinear, "keeps_tiles_only", staticmethod(lambda device: False))
     q.to("cpu")                                    # back to canonical storage
     assert torch.equal(ql._buffers["w_planes"], planes) and "_w_tiled" not in ql.__dict__

@@ -209,6 +209,16 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.half() / .to(dtype) must not touch the epilogue's float32 scales and bias: they follow the
         # module's device but are never cast (a float32 -> half -> float32 round trip would round them)
+        dev = self.w_scale.device
+        probe = fn(torch.empty(0, dtype=torch.int32, device=dev))
+        policy = self.keeps_tiles_only(dev) and not self.pair.weight_only
+        if (probe.device == dev and probe.dtype == torch.int32 and self.__dict__.get("_w_tiled") is not None
+                and self._tiles_only() == policy):
+            # a float cast (.half(), .to(torch.bfloat16)): integer planes and tiles stay where they are
+            if recurse:
+                for child in self.children():
+                    child._apply(fn)
+            return self
         if self._tiles_only():
             self._buffers["w_planes"] = self._untiled()
         self.__dict__.pop("_w_tiled", None)
