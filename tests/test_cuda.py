@@ -161,10 +161,13 @@ def test_prepared_launches_follow_the_module():
         return cuda.bmma_linear(x, m.tiled_weights(), m.w_scale, m.w_zero, m.w_sum, m.bias, m.out_features,
                                 pair.a_bits, gw, groups, m.in_features, False, tile=tile)
 
-    assert cuda.launch_tile(1, ql.planes, 8, 96, gw, gw, cuda.arch_of(x.device))[0] == "gemvq"
+    ql.tile = ("gemvq", 4, 1, 2)                                          # the prepared single launch
+    y1 = ql(x)
+    assert torch.equal(y1, direct(ql, ql.tile))
+    ql.tile = None
     y1 = ql(x)
     assert torch.equal(y1, direct(ql)) and torch.equal(ql(x), y1)        # the second call reuses the launcher
-    assert len(ql.__dict__["_launchers"]) == 1
+    assert len(ql.__dict__["_launchers"]) == 2
     ql.tile = ("gemv", 2, 1, 1)
     assert torch.equal(ql(x), direct(ql, ("gemv", 2, 1, 1)))
     ql.tile = None

@@ -272,18 +272,15 @@ def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     return out
 
 
-GEMVQ_MAX_WORDS = 256   # default: every gemv block re-quantizes up to this many activation words (M * K / 32)
-
-
 def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
     """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
     (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
-    planes: "gemvq" (quantizing in-kernel) for at most GEMVQ_MAX_WORDS activation words, else "gemv"
-    after the packer; otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
+    planes, after the packer ("gemvq", quantizing in every block, measured 1.5-3x slower on the H200 at
+    LLaMA-7B shapes, is left to tuning); otherwise the GEMM family, reusing each weight fragment across
+    more tokens as m grows."""
     mt = gemv_tokens(m, p, q) if groups == 1 else None
-    if mt:   # short rows are quantized inside the GEMV (no packing launch); long ones by the packer
-        family = "gemvq" if m * k_steps * 8 <= GEMVQ_MAX_WORDS else "gemv"
-        return family, 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
+    if mt:
+        return "gemv", 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
     tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m))
     return "bmma", 4 if k_steps >= 8 else 2, tm
 
