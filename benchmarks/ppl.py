@@ -82,9 +82,11 @@ def write_table(records: list[dict], results: Path) -> None:
              "`lwc-mse` learned clipping + smoothing with OmniQuant's MSE loss; `abq` the full ABQ pipeline "
              "(sensitivity, learned clipping + smoothing on DLC + AKL + MSE losses, rank-1 compensation); `abq+rot` "
              "the rotate pass (RMSNorm folded, randomised Hadamard rotation of the residual stream, online "
-             "Hadamard on the down_proj input) before the same ABQ pipeline; `gptq`, `rot+gptq`, `abq+gptq`: the "
-             "codes of rtn, rotate+rtn and abq re-rounded by GPTQ (same grids; calibration samples give the "
-             "Hessians). "
+             "Hadamard on the down_proj input) before the same ABQ pipeline; `gptq`, `rot+gptq`, `abq+gptq`, `abq+rot+gptq`: the "
+             "codes of rtn, rotate+rtn, abq and rotate+abq re-rounded by GPTQ (same grids; calibration samples "
+             "give the Hessians). `gNN` bits: weights in groups of NN along K. Sections on different GPUs share "
+             "the FP baseline exactly (same model, windows, seed); calibrated rows may differ in the last digits "
+             "between GPUs. "
              "Calibration recipes read samples x tokens x epochs (2-bit epochs), batch, lr clipping/smoothing.", ""]
     for key, base in fp.items():
         model, corpus, seqlen, windows, hw = key
