@@ -461,8 +461,15 @@ def targets(ref: dict) -> list[str]:
 # ---------------------------------------------------------------- runs
 
 def software() -> str:
+    import subprocess
     import transformers
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, abqc {abqc.__version__}"
+    try:    # the code measured: a copy without .git (the lent GPU machine) says so
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, abqc {abqc.__version__}, "
+            f"code {rev or 'unknown (no git checkout)'}")
 
 
 def hardware(device: torch.device) -> str:
