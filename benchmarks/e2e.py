@@ -277,7 +277,7 @@ def _kernel_kind(name: str) -> str:
     n = name.lower()
     if n.startswith("abqc_"):
         return "abqc " + n.split("_")[1] + ("" if n.split("_")[1] not in ("quant", "int8") else "_" + n.split("_")[2])
-    if any(t in n for t in ("gemv", "gemm", "xmma", "cutlass", "splitk", "matmul", "int8", "cublas")):
+    if any(t in n for t in ("gemv", "gemm", "xmma", "nvjet", "cutlass", "splitk", "matmul", "int8", "cublas")):
         return "GEMM/GEMV (cuBLAS & co.)"
     if "attention" in n or "fmha" in n or "flash" in n or "sdpa" in n:
         return "attention"
@@ -334,7 +334,8 @@ def write_profile(profiles: list[dict], out: Path) -> None:
              "Eager static-cache decode steps, averaged; the sum of kernel times is a floor for the CUDA-graph "
              "step (a graph removes launch gaps, not kernels).", ""]
     for p in profiles:
-        lines += [f"## {p['impl']} batch {p['batch']} ({p['gpu']})", "",
+        lines += [f"## {p['impl']} batch {p['batch']} ({p['gpu']})", ""] + ([p["note"], ""] if p.get("note") else [])
+        lines += [
                   f"{p['kernel_us_per_step']:.0f} µs of kernels in {p['launches_per_step']:.0f} launches per step.", "",
                   "| kind | µs / step | launches / step |", "|---|---|---|"]
         lines += [f"| {k} | {v['us']:.1f} | {v['launches']:.0f} |" for k, v in p["kinds"].items()]
