@@ -60,8 +60,10 @@ def test_plan_lists_every_quantized_linear_with_default_tiles(compiled, cache):
         assert e["source"] == "default (untuned)" and e["us"] is None and e["device"] is None
         assert e["tile"] == _expected_default(e, compiled) == e["runtime_tile"] and e["family"] == e["tile"][0]
     by = {(e["layer"], e["role"], e["m"]): e["family"] for e in plan}
-    # per-channel decode takes the GEMV family, prefill the GEMM; grouped weights never use GEMV
-    assert by[(1, "q", 1)] == "gemv" and by[(1, "q", 2048)] == "bmma" and by[(0, "q", 1)] == "bmma"
+    # per-channel decode takes the GEMV family, per-channel prefill the INT8 family, mid-size M and grouped
+    # weights the bit-plane GEMM
+    assert by[(1, "q", 1)] == "gemv" and by[(1, "q", 2048)] == "int8" and by[(1, "q", 32)] == "bmma"
+    assert by[(0, "q", 1)] == "bmma" and by[(0, "q", 2048)] == "bmma"
     assert not (cache / "plans.json").exists()   # listing a plan never tunes or writes
 
 
@@ -185,6 +187,8 @@ def test_gemvq_is_a_tuning_candidate_not_the_default():
     # measured on the H200 (benchmarks/results/kernels.md): packer + gemv beat gemvq at every decode shape
     assert rcuda.default_tile(1, 2, 8, 11008, 16, 1) == ("gemv", 8, 1, 4)
     assert rcuda.default_tile(1, 2, 8, 4096, 43, 1)[0] == "gemv"
+    assert rcuda.default_tile(128, 2, 8, 4096, 16, 1) == ("int8", 0, 0)      # per-channel prefill
+    assert rcuda.default_tile(128, 2, 8, 4096, 16, 4)[0] == "bmma"           # grouped weights: bit-planes
     cands = planner.candidates(2, 8, 1)
     assert {c[0] for c in cands} == {"bmma", "gemv", "gemvq"}
     assert sorted(c[1:] for c in cands if c[0] == "gemv") == sorted(c[1:] for c in cands if c[0] == "gemvq")

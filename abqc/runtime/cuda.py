@@ -272,15 +272,22 @@ def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     return out
 
 
+# Tuned on the H200 (benchmarks/results/kernels.md), the INT8 family beat the bit-plane GEMM at every
+# M >= 128 for all seven bit pairs and three LLaMA-7B shapes (1.4-10x), so the untuned default takes it there.
+INT8_DEFAULT_MIN_M = 128
+
+
 def default_tile(m: int, p: int, q: int, n: int, k_steps: int, groups: int = 1) -> tuple:
     """(family, warps splitting K, token tiles) used when no tuned plan exists. Per-channel decode
     (the GEMV build exists for m tokens) takes the GEMV family, whose MMA columns are activation
     planes, after the packer ("gemvq", quantizing in every block, measured 1.5-3x slower on the H200 at
-    LLaMA-7B shapes, is left to tuning); otherwise the GEMM family, reusing each weight fragment across
-    more tokens as m grows."""
+    LLaMA-7B shapes, is left to tuning); per-channel prefill (m >= INT8_DEFAULT_MIN_M) the INT8 family;
+    otherwise the GEMM family, reusing each weight fragment across more tokens as m grows."""
     mt = gemv_tokens(m, p, q) if groups == 1 else None
     if mt:
         return "gemv", 8 if k_steps >= 8 else 2, mt, max(gemv_channel_tiles(p, q, mt))
+    if groups == 1 and m >= INT8_DEFAULT_MIN_M:
+        return ("int8", 0, 0)
     tm = max(t for t in token_tile_choices(p, q) if t * 8 <= max(8, m))
     return "bmma", 4 if k_steps >= 8 else 2, tm
 
