@@ -85,7 +85,7 @@ def write_table(records: list[dict], results: Path) -> None:
              "Hadamard on the down_proj input) before the same ABQ pipeline; `gptq`, `rot+gptq`, `abq+gptq`, `abq+rot+gptq`: the "
              "codes of rtn, rotate+rtn, abq and rotate+abq re-rounded by GPTQ (same grids; calibration samples "
              "give the Hessians). `gNN` bits: weights in groups of NN along K. Sections on different GPUs share "
-             "the FP baseline exactly (same model, windows, seed); calibrated rows may differ in the last digits "
+             "the unquantized PPL exactly (same model, windows, seed); calibrated rows may differ in the last digits "
              "between GPUs. "
              "Calibration recipes read samples x tokens x epochs (2-bit epochs), batch, lr clipping/smoothing.", ""]
     for key, base in fp.items():

@@ -7,7 +7,7 @@ struct ReduceArgs {
   const int *c;         // int32 [G][P*N][ldc]
   long long ldc;
 };
-static_assert(sizeof(ReduceArgs) == 136, "ReduceArgs must match its ctypes mirror in launch.py");
+static_assert(sizeof(ReduceArgs) == 152, "ReduceArgs must match its ctypes mirror in launch.py");
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(ReduceArgs r) {
   const Args &a = r.e;
