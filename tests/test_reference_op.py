@@ -115,3 +115,29 @@ def test_dtype_casts_keep_float32_epilogue():
     y = ql(x.half())
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits,k", [("w4a8g64", 300), ("w2a4g32", 77), ("w8a8g128", 1000), ("w3a6g32", 64)])
+def test_grouped_cpu_path_equals_integer_epilogue(bits, k):
+    """The CPU codes path for grouped weights (scales folded into the codes, one float64 GEMM) gives the
+    integer accumulators' epilogue to float64 rounding, tail groups and bias included."""
+    from abqc.runtime import ops
+    pair = parse_pair(bits)
+    torch.manual_seed(k)
+    lin = torch.nn.Linear(k, 40, bias=True)
+    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size)
+    ql = QuantLinear.from_linear(lin, pair, qw)
+    x = torch.randn(9, k) * 3
+    up, a_sum, a_scale, a_zero = ops.quantize_activation_padded(x, pair.a_bits, pair.group_size, k, False)
+    uw = quant.unpack_bitplanes(ql.w_planes)
+    gw, kp = ops.group_layout(k, pair.group_size)
+    assert kp // (gw * 32) > 1
+    acc = reference.accumulate_from_codes(up, uw, kp // (gw * 32), pair.a_bits, ql.w_planes.shape[0])
+    ref = ops.epilogue(acc, a_sum, a_scale, a_zero, ql.w_sum, ql.w_scale, ql.w_zero, pair.group_size, k, ql.bias,
+                       torch.float64)
+    got = ops.grouped_linear_from_codes(up, a_sum, a_scale, a_zero, uw, ql.w_scale, ql.w_zero, ql.w_sum,
+                                        pair.group_size, k, ql.bias, torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    with cpu_impl("bitplane"):                      # and the module's float32 output equals the literal path
+        literal = ql(x)
+    torch.testing.assert_close(ql(x), literal, rtol=1e-6, atol=1e-6)

