@@ -10,6 +10,8 @@ with --tune, else its default); "abqc-<family>" rows are the fastest tile of tha
 include activation quantization (the whole linear from FP16 in to FP16 out); the INT8/FP8 rows time the GEMM alone on already-quantized
 activations, and pad M up to what those kernels accept (noted). For M <= 8 the table reports the
 packed weight bytes moved per second as a fraction of the measured device-to-device copy rate.
+"abqc+hadamard" rows (K = 11008, M <= 8) add the online Hadamard that the rotate pass puts on the
+down_proj input: the decode cost of rotation.
 Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
 """
 from __future__ import annotations
@@ -29,10 +31,12 @@ from abqc import quant  # noqa: E402
 from abqc.bits import parse_pair  # noqa: E402
 from abqc.codegen import planner  # noqa: E402
 from abqc.runtime import QuantLinear  # noqa: E402
+from abqc.runtime.hadamard import OnlineHadamard  # noqa: E402
 from abqc.runtime import cuda as rcuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
+DOWN_K = 11008                                          # down_proj input: where rotation puts an online Hadamard
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
 FAMILIES = ("gemvq", "gemv", "bmma", "int8")
 
@@ -162,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--ms", nargs="+", type=int, default=None, help="token counts M (default: all; --quick: 4)")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES,
                     help="also time the best tile of each of these kernel families (a row each where it applies)")
+    ap.add_argument("--no-hadamard", action="store_true",
+                    help="skip the abqc+hadamard rows (online Hadamard + linear, K = 11008, M <= 8)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
     if not rcuda.available():
@@ -193,7 +199,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    layers = {}
+    layers, hadamards = {}, {}
     for n, k in shapes:
         for bits in args.bits:
             layers[(bits, n, k)] = abqc_layer(bits, n, k)
@@ -214,6 +220,13 @@ def main(argv=None):
                 pair, ql = layers[(bits, n, k)]
                 us, tile, wbytes, note = bench_abqc(pair, ql, x, args.tune and m <= args.tune_max_m)
                 add("abqc", bits, m, n, k, us, flop, wbytes, f"planner's choice; {note}", tile)
+                if k == DOWN_K and m <= 8 and not args.no_hadamard:
+                    # rotation (issue 8) adds an online Hadamard on the down_proj input at decode
+                    had = hadamards.setdefault(k, OnlineHadamard.of_size(k).cuda())
+                    h_us = planner.time_us(lambda: had(x))
+                    add("abqc+hadamard", bits, m, n, k, us + h_us, flop, wbytes,
+                        f"online Hadamard of the input ({had.kind}, {h_us:.1f} us) + the planner's linear "
+                        f"({us:.1f} us): rotation's decode cost on down_proj", tile)
                 for family in args.families:
                     got = bench_abqc(pair, ql, x, False, family)
                     if got:
