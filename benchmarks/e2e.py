@@ -160,7 +160,7 @@ def to_w8a8(model: nn.Module, quant, dequant) -> nn.Module:
 
 
 def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool,
-          fuse: bool = True) -> tuple[nn.Module, str]:
+          fuse: bool = True, compile_rest: bool = False) -> tuple[nn.Module, str]:
     """(model on device, note) for one implementation, from the same seeded random FP16 weights."""
     t0 = time.perf_counter()
     model = random_model(shape, device, dtype, seed)
@@ -175,6 +175,9 @@ def build(impl: str, shape: Shape, device, dtype, seed: int, w8a8_eager: bool,
         note = "abqc RTN (no calibration; speed does not depend on it), bit-plane kernels"
         if fuse:
             note += f", q/k/v and gate/up fused ({len(model.fuse_projections())} groups)"
+    if compile_rest:   # every impl alike: the model's own ops fused by Inductor; abqc's launches stay outside
+        model.forward = torch.compile(model.forward)
+        note += "; model forward torch.compile'd (abqc linears are graph breaks)"
     gc.collect()    # the replaced FP16 linears may sit in reference cycles (export graphs): free them before timing
     return model, f"{note}; built in {time.perf_counter() - t0:.1f} s"
 
@@ -526,7 +529,8 @@ def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command:
             continue
         log(f"building {impl}")
         try:
-            model, build_note = build(impl, shape, device, dtype, args.seed, args.w8a8_eager, not args.no_fuse)
+            model, build_note = build(impl, shape, device, dtype, args.seed, args.w8a8_eager, not args.no_fuse,
+                                      args.compile)
         except Exception as e:
             records += [{**base, **empty, "batch": b, "status": "failed", "note": f"build failed: {_line(e)}"}
                         for b in args.batches]
@@ -596,6 +600,9 @@ def parse_args(argv):
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode timing")
     ap.add_argument("--w8a8-eager", action="store_true", help="do not torch.compile the W8A8 quantize/dequantize")
     ap.add_argument("--no-fuse", action="store_true", help="abqc rows: keep q/k/v and gate/up as separate linears")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every model's forward (norms, rotary, residuals fused by Inductor; abqc "
+                         "linears run between the compiled pieces); compile time is paid in the warm-up")
     ap.add_argument("--profile", nargs="*", type=int, default=None, metavar="BATCH",
                     help="also profile decode kernels at these batches (default: batch 1) -> e2e_profile.{json,md}")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")

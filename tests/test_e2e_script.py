@@ -53,6 +53,15 @@ def test_dry_run_measures_every_kind_of_implementation(tmp_path):
     assert (tmp_path / "e2e.md").read_text() == md
 
 
+def test_compile_option_runs_abqc_linears_between_compiled_pieces(tmp_path):
+    """--compile: torch.compile over a fused abqc model (the linears, on CUDA driver launches, are graph
+    breaks): it decodes, and its static-cache tokens equal its eager ones."""
+    assert e2e.main(["--dry-run", "--compile", "--impls", "w2a8", "--out", str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "e2e.json").read_text())
+    assert r["status"] == "ok" and r["static_tokens_match"] is True, r["note"]
+    assert "torch.compile'd" in r["note"] and "fused" in r["note"]
+
+
 def test_deadline_records_what_was_skipped(tmp_path):
     assert e2e.main(["--dry-run", "--deadline", "1e-9", "--impls", "fp16", "w2a8", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "e2e.json").read_text())

@@ -37,6 +37,7 @@ class SharedInputLinear(nn.Module):
         self._x = self._y = None
         self._version, self._taken = -1, set()
 
+    @torch.compiler.disable   # a per-input cache (identity, version): Python state, not a traceable graph
     def take(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if self._x is not x or self._version != x._version:     # a new input (or one changed in place)
             self._x, self._version, self._taken = x, x._version, set()

@@ -184,6 +184,7 @@ class QuantLinear(nn.Module):
         if planes is not None and self.keeps_tiles_only(planes.device) and not self.pair.weight_only:
             self.tiled_weights()        # tile now, so the canonical copy goes before the first forward
 
+    @torch.compiler.disable   # driver launches through ctypes: torch.compile graphs break here, by design
     def _cuda_linear(self, x2: torch.Tensor) -> torch.Tensor:
         from ..codegen import planner
         from . import cuda
