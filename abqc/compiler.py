@@ -157,7 +157,7 @@ def compile(model: nn.Module, bits="w4a8", overrides: dict | None = None, calib:
         128 x 2048-token samples of the shipped Wikipedia text are drawn.
     calib_options: clip-learning recipe (abqc.passes.CalibOptions fields: epochs, lr_clip, lr_smooth,
         samples, batch, compensation, loss, checkpoint_dir, ...); pass_options: {"sensitivity": {...},
-        "smoothquant": {...}}. device: where calibration runs (default CUDA when available).
+        "smoothquant": {...}, "gptq": {"act_order": True}}. device: where calibration runs (default CUDA when available).
     inplace: rewrite `model` itself instead of a deep copy.
     """
     spec = parse_bits(bits, overrides)

@@ -60,7 +60,7 @@ def _fmt(v: float) -> str:
 
 def _recipe(c: dict) -> str:
     return (f"{c['samples']}x{c['seqlen']}x{c['epochs']} ({c['epochs_2bit']}), batch {c['batch']}, "
-            f"lr {c['lr_clip']:g}/{c['lr_smooth']:g}")
+            f"lr {c['lr_clip']:g}/{c['lr_smooth']:g}" + (", GPTQ act-order" if c.get("gptq_act_order") else ""))
 
 
 def write_table(records: list[dict], results: Path) -> None:
@@ -155,6 +155,9 @@ def run_one(args, method: str, bits: str) -> dict:
                          "lr_smooth": args.lr_smooth}
             kw["calib_options"] = {"epochs": args.epochs, "epochs_2bit": args.epochs_2bit, "batch": args.batch,
                                    "lr_clip": args.lr_clip, "lr_smooth": args.lr_smooth}
+            if args.gptq_act_order and "gptq" in method:
+                kw["pass_options"] = {"gptq": {"act_order": True}}
+                calib_rec["gptq_act_order"] = True     # a recipe of its own: tabled apart
         t = time.perf_counter()
         q = abqc.compile(model, bits=bits, method=method, seed=args.seed, device=dev, progress=False, **kw)
         t_cal = time.perf_counter() - t
@@ -193,6 +196,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1, help="calibration samples per optimisation step")
     ap.add_argument("--lr-clip", type=float, default=1e-2)
     ap.add_argument("--lr-smooth", type=float, default=5e-3)
+    ap.add_argument("--gptq-act-order", action="store_true",
+                    help="gptq methods: quantize columns in decreasing order of input energy (GPTQ's act-order)")
     ap.add_argument("--jobs", type=int, default=1, help="(method, bits) processes at a time")
     ap.add_argument("--deadline", type=float, default=0, help="start no job after this many seconds (0: no limit)")
     ap.add_argument("--parts", default=str(ROOT / "results" / "ppl_parts"), help="folder of per-job records")
@@ -204,7 +209,8 @@ def main(argv=None) -> None:
     parts.mkdir(parents=True, exist_ok=True)
 
     def part(method, bits):
-        return parts / f"{method}_{bits.replace('*', 'b')}.json"
+        tag = "_actorder" if args.gptq_act_order and "gptq" in method else ""
+        return parts / f"{method}{tag}_{bits.replace('*', 'b')}.json"
 
     if args.one:
         rec = run_one(args, *args.one)

@@ -57,3 +57,31 @@ def test_gptq_needs_calibration_and_a_quantization_pass_before_it():
     with pytest.raises(RuntimeError, match="quantization pass"):
         abqc.compile(model, bits="w4a8", passes=["gptq", "lower"], calib=torch.randint(0, 256, (2, 16)),
                      progress=False)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_act_order_is_gptq_on_the_columns_sorted_by_input_energy(group):
+    """act_order=True equals plain GPTQ run on the columns permuted by decreasing H diagonal (each column
+    keeping its own group's grid), mapped back; it still lowers the weighted error on the same grid."""
+    w, h = _problem(seed=11)
+    h = h * torch.linspace(0.2, 3.0, h.shape[0]).sqrt().outer(torch.linspace(0.2, 3.0, h.shape[0]).sqrt())
+    qw = quant.quantize_weight(w, 3, group)
+    codes = gptq_codes(w, qw, 7, h, act_order=True)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    assert not torch.equal(perm, torch.arange(len(perm)))
+    new = quant.QuantizedWeight(codes, qw.scale, qw.zero, qw.planes, qw.group_size)
+    assert _weighted_error(w, new.dequantize(), h) < 0.9 * _weighted_error(w, qw.dequantize(), h)
+    if group is None:    # per-channel: the grid does not depend on the column order
+        plain = gptq_codes(w[:, perm], qw, 7, h[perm][:, perm])
+        assert torch.equal(codes, plain[:, torch.argsort(perm)])
+    on_grid = qw.dequantize()
+    assert torch.equal(gptq_codes(on_grid, qw, 7, h, act_order=True), qw.codes)
+
+
+def test_act_order_reaches_the_pass_through_pass_options():
+    model = tiny_model("llama")
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    q = abqc.compile(model, bits="w3a8", method="gptq", calib=calib, progress=False,
+                     pass_options={"gptq": {"act_order": True}})
+    rep = next(p for p in q.report["passes"] if p["name"] == "gptq")
+    assert rep["summary"]["act_order"] is True and rep["summary"]["mean_weighted_error_ratio"] < 1

@@ -1,13 +1,13 @@
 """Graph passes. Each module holds one pass and states its invariant in its docstring.
 
 REGISTRY maps a pass name to a factory taking the compile options
-{"calibrate": CalibOptions fields, "sensitivity": {...}, "smoothquant": {...}}; METHODS are the
+{"calibrate": CalibOptions fields, "sensitivity": {...}, "smoothquant": {...}, "gptq": {"act_order": bool}}; METHODS are the
 pipelines `abqc.compile(method=...)` runs.
 """
 from .balance import balance
 from .base import PassContext, PassReport, run_passes
 from .calibrate import CalibOptions, make_calibrate
-from .gptq import gptq
+from .gptq import gptq, make_gptq
 from .lower import make_lower
 from .rotate import rotate
 from .rtn import rtn
@@ -22,7 +22,7 @@ REGISTRY = {
     "abq": lambda o: make_calibrate("abq", o.get("calibrate")),
     "lwc-mse": lambda o: make_calibrate("lwc-mse", o.get("calibrate")),
     "rtn": lambda o: rtn,
-    "gptq": lambda o: gptq,
+    "gptq": lambda o: make_gptq(**o.get("gptq", {})),
     "lower": lambda o: make_lower("real"),
     "lower_fake": lambda o: make_lower("fake"),
 }
@@ -40,4 +40,4 @@ METHODS = {
 CALIBRATED = ("smoothquant", "sensitivity", "abq", "lwc-mse", "gptq")   # passes that need calibration ids
 
 __all__ = ["PassContext", "PassReport", "run_passes", "CalibOptions", "REGISTRY", "METHODS", "CALIBRATED",
-           "balance", "gptq", "make_calibrate", "make_lower", "make_sensitivity", "make_smoothquant", "rotate", "rtn"]
+           "balance", "gptq", "make_gptq", "make_calibrate", "make_lower", "make_sensitivity", "make_smoothquant", "rotate", "rtn"]

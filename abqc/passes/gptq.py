@@ -7,7 +7,8 @@ each linear's input Gram matrix H = sum x x^T is taken with everything before it
 deployed (earlier blocks and linears re-rounded, activations fake-quantized); then its columns are
 quantized in order and each column's rounding error is spread over the columns not yet quantized through
 the upper Cholesky factor of H^-1 (Frantar et al. 2022, "GPTQ"), in blocks of 128 columns, with 1% of
-the mean diagonal added to H as damping. The report gives, per linear, the H-weighted error
+the mean diagonal added to H as damping (option act_order: columns in decreasing order of H's diagonal,
+each keeping its own group's grid). The report gives, per linear, the H-weighted error
 tr((W - Q) H (W - Q)^T) after GPTQ relative to the codes it started from (below 1: better).
 Invariant: afterwards every qweights entry has the same pair, scale, zero point and group size and codes
 in the same range; only codes change, and the model's float weights are untouched.
@@ -34,25 +35,31 @@ def _weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 @torch.no_grad()
 def gptq_codes(w: torch.Tensor, qw: quant.QuantizedWeight, qmax: int, h: torch.Tensor,
-               damp: float = DAMP, block: int = COLUMN_BLOCK) -> torch.Tensor:
+               damp: float = DAMP, block: int = COLUMN_BLOCK, act_order: bool = False) -> torch.Tensor:
     """Codes int16 [N, K] for w [N, K] on qw's grid, chosen column by column with GPTQ's error feedback
-    under the input Gram matrix h [K, K]."""
+    under the input Gram matrix h [K, K]. act_order: quantize the columns with the largest H diagonal
+    (the most active inputs) first, so later columns absorb their error; each column keeps its own
+    group's scale and zero point."""
     w = w.float().clone()
     n, k = w.shape
     h = h.float().clone()
     dead = torch.diag(h) == 0                     # inputs that never fire: any code is as good
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    group_of = (perm if perm is not None else torch.arange(k, device=w.device)) // qw.group_size
     h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    scale, zero, g = qw.scale.float(), qw.zero.float(), qw.group_size
+    scale, zero = qw.scale.float(), qw.zero.float()
     codes = torch.empty(n, k, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err = w[:, i1:i2].clone(), torch.empty(n, i2 - i1, device=w.device)
         h1 = hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            grp = (i1 + j) // g
+            grp = int(group_of[i1 + j])
             s, z = scale[:, grp], zero[:, grp]
             u = quant.quantize_codes(w1[:, j], s, z, qmax)
             codes[:, i1 + j] = u
@@ -60,6 +67,8 @@ def gptq_codes(w: torch.Tensor, qw: quant.QuantizedWeight, qmax: int, h: torch.T
             w1[:, j:] -= e[:, None] * h1[j, j:][None, :]
             err[:, j] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]     # back to the weight's own column order
     return codes.to(torch.int16)
 
 
@@ -69,7 +78,14 @@ def _act(pair, act_symmetric):
     return lambda x: quant.fake_quant_activation(x, pair.a_bits, act_symmetric)
 
 
-def gptq(captured: CapturedModel, ctx: PassContext):
+def make_gptq(act_order: bool = False):
+    """The gptq pass; act_order=True quantizes each linear's columns in decreasing order of input energy."""
+    def gptq_pass(captured: CapturedModel, ctx: PassContext):
+        return gptq(captured, ctx, act_order)
+    return gptq_pass
+
+
+def gptq(captured: CapturedModel, ctx: PassContext, act_order: bool = False):
     qweights = ctx.state.get("qweights")
     if qweights is None:
         raise RuntimeError("gptq re-rounds quantized weights: run a quantization pass (rtn, abq, ...) before it")
@@ -111,7 +127,7 @@ def gptq(captured: CapturedModel, ctx: PassContext):
                 w = w_fp.linears[role][0]
                 qmax = quant.grid(pair.w_bits, ctx.weight_symmetric or pair.balanced, pair.balanced)[1]
                 before = _weighted_error(w, deq[role], grams[role])
-                codes = gptq_codes(w, qw_dev, qmax, grams[role])
+                codes = gptq_codes(w, qw_dev, qmax, grams[role], act_order=act_order)
                 new = quant.QuantizedWeight(codes, qw_dev.scale, qw_dev.zero, qw.planes, qw.group_size)
                 deq[role] = new.dequantize()
                 after = _weighted_error(w, deq[role], grams[role])
@@ -121,6 +137,7 @@ def gptq(captured: CapturedModel, ctx: PassContext):
         x_q = batched(lambda xb: bm.forward(xb, rope, w_fp, linear_fn)[0], x_q)
     ratios = torch.tensor([d["weighted_error_ratio"] for d in details]) if details else torch.ones(1)
     summary = {"samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "device": str(dev), "damp": DAMP,
+               "act_order": act_order,
                "linears": len(details), "mean_weighted_error_ratio": round(float(ratios.mean()), 6),
                "max_weighted_error_ratio": round(float(ratios.max()), 6)}
     return captured, PassReport("gptq", summary, details)
