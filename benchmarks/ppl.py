@@ -127,7 +127,7 @@ def merge(parts: Path, command: str, results: Path) -> list[dict]:
     records = [_normalised(r) for r in json.loads(path.read_text())] if path.exists() else []
     for f in sorted(parts.glob("*.json")):
         rec = _normalised(json.loads(f.read_text()))
-        rec["command"] = command
+        rec["command"] = rec.get("command") or command     # a part keeps the command of the run that made it
         records[:] = [r for r in records if tuple(r.get(k) for k in KEY) != tuple(rec.get(k) for k in KEY)]
         records.append(rec)
     order = {m: i for i, m in enumerate(METHODS)}
@@ -214,6 +214,8 @@ def main(argv=None) -> None:
 
     if args.one:
         rec = run_one(args, *args.one)
+        if os.environ.get("ABQC_PPL_COMMAND"):
+            rec["command"] = os.environ["ABQC_PPL_COMMAND"]
         part(*args.one).write_text(json.dumps(rec, indent=1))
         print(f"{rec['method']:>12} {rec['bits']:>8}  ppl {rec['ppl']:.3f}  compile {rec['compile_seconds']} s  "
               f"eval {rec['eval_seconds']} s", flush=True)
@@ -225,7 +227,7 @@ def main(argv=None) -> None:
     todo = [j for j in jobs if not part(*j).exists()]
     print(f"{len(jobs)} jobs, {len(todo)} to run, {args.jobs} at a time", flush=True)
     # each job gets its share of the cores: N jobs x all-core torch pools thrash the CPU (and the GPU waits)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+    env = {**os.environ, "ABQC_PPL_COMMAND": command, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
            or str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(todo) or 1))))}
     t0, running = time.perf_counter(), []
     while todo or running:

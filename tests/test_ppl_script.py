@@ -53,3 +53,14 @@ def test_cpu_records_with_other_thread_shares_share_one_table(tmp_path):
     assert {r["hardware"] for r in recs} == {"CPU x86_64"} and sorted(r["threads"] for r in recs) == [1, 2, 2]
     md = (tmp_path / "ppl.md").read_text()
     assert md.count("FP baseline") == 1 and "| w4a4 | 1400.000 (+7268.4%) | 1090.000 (+5636.8%) |" in md
+
+
+def test_a_part_keeps_the_command_that_made_it(tmp_path):
+    """Parts left in the folder by an earlier run keep that run's command when a later run merges them;
+    parts without one (older jobs) take the merging run's."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "a.json").write_text(json.dumps({**_rec("rtn", "w4a4", 1400.0), "command": "earlier run"}))
+    (parts / "b.json").write_text(json.dumps(_rec("fp16", "fp", 19.0)))
+    recs = ppl.merge(parts, "this run", tmp_path)
+    assert {r["method"]: r["command"] for r in recs} == {"rtn": "earlier run", "fp16": "this run"}
