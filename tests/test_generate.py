@@ -124,6 +124,9 @@ def test_tiles_only_storage_round_trips(tiny_llama, monkeypatch):
     q.load_state_dict(sd)
     assert torch.equal(ql.w_planes, planes)
     tiles = ql._w_tiled
+    ql.__dict__["_launchers"] = {"prepared": None}
+    ql.w_scale = ql.w_scale.clone()                  # a replaced buffer drops the prepared launches
+    assert "_launchers" not in ql.__dict__
     import abqc.codegen.layout as layout_mod
 
     def no_untile(*a, **k):

@@ -149,6 +149,15 @@ class QuantLinear(nn.Module):
         gw, groups = self.group_words_and_count()
         return untile_weights(self.__dict__["_w_tiled"], self.out_features, gw * groups, gw)
 
+    def _drop_tiles(self) -> None:
+        self.__dict__.pop("_w_tiled", None)
+        self.__dict__.pop("_launchers", None)        # prepared launches point at the tiles and buffers
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__.pop("_launchers", None)    # a replaced buffer: prepared launches would read the old one
+        super().__setattr__(name, value)
+
     def __getattr__(self, name):
         if name == "w_planes" and self._tiles_only():
             return self._untiled()          # a copy: the module itself holds only the tiles
@@ -174,8 +183,7 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._tiles_only():
             self._buffers["w_planes"] = self._untiled()
-        self.__dict__.pop("_w_tiled", None)          # tiles of the old weights
-        self.__dict__.pop("_launchers", None)
+        self._drop_tiles()                            # tiles of the old weights
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._retile()
 
@@ -191,7 +199,7 @@ class QuantLinear(nn.Module):
         x2 = x2.contiguous()
         wt = self.tiled_weights()
         # launchers prepared per (tokens, dtype, tiles, tile, plans): eager decode pays one launch's Python.
-        # They point at this module's buffers: _apply and loads (which replace buffers) drop them.
+        # They point at this module's buffers: replacing a buffer, _apply and loads drop them.
         key = (x2.shape[0], x2.dtype, x2.device, id(wt), self.tile, planner.generation(), os.environ.get("ABQC_CACHE"))
         launchers = self.__dict__.setdefault("_launchers", {})
         run = launchers.get(key)
@@ -222,8 +230,7 @@ class QuantLinear(nn.Module):
             return self
         if self._tiles_only():
             self._buffers["w_planes"] = self._untiled()
-        self.__dict__.pop("_w_tiled", None)
-        self.__dict__.pop("_launchers", None)
+        self._drop_tiles()
         keep = {name: getattr(self, name) for name in ("w_scale", "bias") if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         dev = self._buffers["w_planes"].device
