@@ -11,7 +11,8 @@ include activation quantization (the whole linear from FP16 in to FP16 out); the
 activations, and pad M up to what those kernels accept (noted). For M <= 8 the table reports the
 packed weight bytes moved per second as a fraction of the measured device-to-device copy rate.
 "abqc+hadamard" rows (K = 11008, M <= 8) add the online Hadamard that the rotate pass puts on the
-down_proj input: the decode cost of rotation.
+down_proj input, fused into the activation quantizer (the unfused cost is in the note): the decode cost
+of rotation.
 Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from abqc import quant  # noqa: E402
 from abqc.bits import parse_pair  # noqa: E402
 from abqc.codegen import planner  # noqa: E402
 from abqc.runtime import QuantLinear  # noqa: E402
-from abqc.runtime.hadamard import OnlineHadamard  # noqa: E402
+from abqc.runtime.hadamard import OnlineHadamard, hadamard_pack  # noqa: E402
 from abqc.runtime import cuda as rcuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
@@ -106,17 +107,19 @@ def abqc_layer(bits, n, k):
     return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
 
 
-def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
+def bench_abqc(pair, ql, x, tune: bool, family: str | None = None, hadamard: torch.Tensor | None = None):
     """(us, tile, packed weight bytes, note) of one abqc linear: the planner's choice (family None), or the
-    fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it."""
+    fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it.
+    hadamard: an online Hadamard block on the input (fused into the activation quantizer where it can be)."""
     gw, groups = ql.group_words_and_count()
     wt = ql.tiled_weights()
     wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
     m, arch = x.shape[0], rcuda.arch_of(x.device)
+    counter = None if hadamard is None else torch.zeros(m, dtype=torch.int32, device=x.device)
 
     def call(w, tile):
         return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
-                                 groups, ql.in_features, False, tile=tile)
+                                 groups, ql.in_features, False, tile=tile, hadamard_block=hadamard, counter=counter)
 
     # candidates are timed as the model runs them: each call of a replay reads another weight copy (from HBM)
     copy = itertools.cycle(wts)
@@ -145,12 +148,19 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, unpack + _int_mm + epilogue " \
                f"{us - pack_us:.1f} us"
     else:
-        packed = rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
+        if hadamard is None:
+            def pack():
+                return rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
+        else:
+            def pack():
+                return hadamard_pack(x, hadamard, pair.a_bits, gw, groups, False, counter)
+        packed = pack()
         epi = rcuda.epilogue_args(ql.w_scale, ql.w_zero, ql.w_sum, packed)
-        pack_us = planner.time_us(lambda: rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False))
+        pack_us = planner.time_us(pack)
         gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features,
                                                                    gw, 2, epi, tile) for w in wts]), iters=1) / len(wts)
-        note = f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us"
+        what = "Hadamard+quantize+pack (one launch)" if hadamard is not None else "pack"
+        note = f"incl. activation quantize+pack; {what} {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us"
     return us, tile, wt.shape[2] * ql.out_features * groups * gw * 4, note
 
 
@@ -224,9 +234,11 @@ def main(argv=None):
                     # rotation (issue 8) adds an online Hadamard on the down_proj input at decode
                     had = hadamards.setdefault(k, OnlineHadamard.of_size(k).cuda())
                     h_us = planner.time_us(lambda: had(x))
-                    add("abqc+hadamard", bits, m, n, k, us + h_us, flop, wbytes,
-                        f"online Hadamard of the input ({had.kind}, {h_us:.1f} us) + the planner's linear "
-                        f"({us:.1f} us): rotation's decode cost on down_proj", tile)
+                    f_us, _, _, f_note = bench_abqc(pair, ql, x, False, hadamard=had.kernel_block(x.device))
+                    add("abqc+hadamard", bits, m, n, k, f_us, flop, wbytes,
+                        f"online Hadamard ({had.kind}) of the input + the planner's linear, the Hadamard fused into "
+                        f"the activation quantizer where the family allows; {f_note}; unfused it costs "
+                        f"Hadamard {h_us:.1f} us + linear {us:.1f} us = {h_us + us:.1f} us", tile)
                 for family in args.families:
                     got = bench_abqc(pair, ql, x, False, family)
                     if got:

@@ -192,11 +192,17 @@ def _have_nvrtc():
 
 @pytest.mark.skipif(not _have_nvrtc(), reason="NVRTC not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_hadamard_kernel_compiles_without_spills(arch, tmp_path):
+@pytest.mark.parametrize("pack_bits", [0, 1, 4, 8])
+def test_hadamard_kernel_compiles_without_spills(arch, pack_bits, tmp_path):
     from abqc.codegen import nvrtc
-    s = nvrtc.sass(nvrtc.compile_cubin(H.HadamardKernel(arch), use_cache=False), tmp_path)
+    s = nvrtc.sass(nvrtc.compile_cubin(H.HadamardKernel(arch, pack_bits), use_cache=False), tmp_path)
     assert not re.search(r"\b(LDL|STL)\b", s), "online Hadamard kernel spills to local memory"
     assert "BAR.SYNC" in s and re.search(r"\bLDS\b", s) and re.search(r"\bSTS\b", s)   # staged in shared memory
+    assert "LDS.128" in s                                   # the dense factor's 16-byte shared loads
+    if pack_bits:   # the fused quantizer: a row counter in global memory, ballots into bit-planes
+        assert "ATOMG.E.ADD" in s and "MEMBAR" in s and "VOTE.ANY" in s
+    with pytest.raises(ValueError, match="pack_bits"):
+        H.HadamardKernel(arch, 9)
 
 
 def _cuda_ok():
@@ -234,3 +240,68 @@ def test_rotated_quantized_model_on_cuda_matches_cpu():
         cpu = q(ids).logits
         gpu = q.cuda()(ids.cuda()).logits.cpu()
     torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")
+@pytest.mark.parametrize("n,group", [(11008, None), (11008, 128), (1536, None), (1536, 64), (92, None),
+                                     (4096, 32), (64, None)])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_hadamard_pack_equals_hadamard_then_quant_pack(n, group, rows):
+    """The fused launch (transform, then the last block of each row quantizes and packs it) gives
+    quant_pack(hadamard_cuda(x)) bit for bit: planes, code sums, scales, zero points, and the rotated rows;
+    again on a second call (the row counters reset themselves)."""
+    from abqc.runtime import cuda, ops
+    gen = torch.Generator().manual_seed(n + rows)
+    block = H.block_matrix(n).cuda()
+    gw, kp = ops.group_layout(n, group or n)
+    groups = kp // (gw * 32)
+    for dtype, q, sym in [(torch.float16, 8, False), (torch.bfloat16, 4, True), (torch.float32, 3, False),
+                          (torch.float16, 1, False), (torch.float16, 6, True)]:
+        x = (torch.randn(rows, n, generator=gen) * torch.linspace(0.1, 3, rows)[:, None]).to(dtype).cuda()
+        y = H.hadamard_cuda(x, block)
+        want = cuda.quant_pack(y, q, gw, groups, n, sym)
+        for _ in range(2):
+            planes, sums, scale, zero, rot = H.hadamard_pack(x, block, q, gw, groups, sym, rotated=True)
+            assert torch.equal(rot, y), (dtype, q)
+            assert torch.equal(planes, want[0]) and torch.equal(scale, want[2]) and torch.equal(zero, want[3])
+            want_sums = want[1].sum(1, keepdim=True) if groups == 1 else want[1]
+            assert torch.equal(sums, want_sums), (dtype, q, sym)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")
+def test_fused_hadamard_linear_in_a_cuda_graph():
+    """A QuantLinear with an online Hadamard on CUDA fuses it into the activation quantizer for the bit-plane
+    families: equal to transforming first (unfused) exactly, eagerly and replayed from a CUDA graph with
+    new inputs; the gemvq and INT8 families transform in a launch of their own and agree too."""
+    from abqc import quant
+    from abqc.bits import parse_pair
+    torch.manual_seed(3)
+    pair = parse_pair("w2a8")
+    n = 1536
+    pre = H.OnlineHadamard.of_size(n)
+    lin = torch.nn.Linear(n, 200, bias=True)
+    qw = quant.quantize_weight(lin.weight, pair.w_bits)
+    ql = QuantLinear.from_linear(lin, pair, qw, pre=pre).cuda()
+    for m, tile in [(1, None), (3, None), (40, None), (1, ("bmma", 4, 1)), (2, ("gemvq", 4, 2, 1)),
+                    (40, ("int8", 0, 0))]:
+        ql.tile = tile
+        x = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        fused = ql(x)
+        unfused = ql._cuda_linear(ql.pre(x))
+        assert torch.equal(fused, unfused), (m, tile)
+    ql.tile = None
+    static = torch.randn(1, n, device="cuda", dtype=torch.float16)
+    ql(static)                                             # eager first: the launcher and its counters
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ql(static)
+    for _ in range(3):
+        x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+        static.copy_(x)
+        g.replay()
+        assert torch.equal(out, ql._cuda_linear(ql.pre(x))), "graph replay of the fused path"
+    ref = QuantLinear.from_linear(lin, pair, qw, pre=H.OnlineHadamard.of_size(n))(x.float().cpu())
+    err = (out.float().cpu() - ref).norm() / ref.norm()    # fp16-rounded rotation vs the CPU's float32 one
+    assert err < 1e-2, err

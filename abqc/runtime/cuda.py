@@ -179,11 +179,22 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def pack_chunks(group_words: int, groups: int) -> tuple[int, int]:
-    """(words per packer block, blocks per token): per-channel rows split into 16-word chunks;
-    grouped rows into chunks of whole groups, so every group's code sum stays inside one block."""
+PACK_BLOCKS = 512   # packer blocks to aim for (~4 per SM): enough to spread a decode token over many SMs
+
+
+def pack_chunks(group_words: int, groups: int, m: int = 1) -> tuple[int, int]:
+    """(words per packer block, blocks per token). Every block reads its token's whole row (for the row's
+    min/max), so a token gets only as many chunks as it takes to fill the GPU: decode rows are split into
+    16-word chunks over many SMs, prefill rows (m >= PACK_BLOCKS) go whole to one block each (split into
+    16-word chunks at M=2048, every row was re-read 8-22 times). Grouped rows split into whole groups, so
+    every group's code sum stays inside one block."""
     kw = group_words * groups
-    cw = 16 if groups == 1 else group_words * max(1, 16 // group_words)
+    want = max(1, -(-PACK_BLOCKS // max(m, 1)))          # chunks per token that fill the GPU
+    if groups == 1:
+        cw = max(16, -(-kw // want))
+    else:
+        per = min(64, max(max(1, 16 // group_words), -(-groups // want)))   # quant_pack.cu: <= 64 group sums
+        cw = group_words * per
     return cw, -(-kw // cw)
 
 
@@ -207,7 +218,7 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows)
         raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
     m = x.shape[0]
     kw = groups * group_words
-    cw, nchunks = pack_chunks(group_words, groups)
+    cw, nchunks = pack_chunks(group_words, groups, m)
     dev = x.device
     if int8_rows is None:
         out = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
@@ -356,12 +367,19 @@ def _stage_stride(kw: int) -> int:
     return kw + ((4 - kw) % 32)       # stride = 4 (mod 32): the 8 rows x 4 words a warp reads hit 32 banks
 
 
-def _gemv_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev):
-    """Check a gemv launch and prepare it: a no-argument callable launching it with args' current contents."""
+GEMVQ_XSTAGE_BYTES = 64 * 1024   # gemv.cu's XSTAGE_BYTES: gemvq copies x rows up to this size to shared memory
+
+
+def _gemv_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev,
+                 x_bytes: int = 0):
+    """Check a gemv launch and prepare it: a no-argument callable launching it with args' current contents.
+    x_bytes: gemvq's input size in bytes (its rows share the K-split partials' shared memory when they fit)."""
     wk, tm, ntw = tile
     if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
         raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
-    smem = m * q * stride * 4 + wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
+    red = wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
+    staged = x_bytes if 0 < x_bytes <= GEMVQ_XSTAGE_BYTES and (x_bytes // m) % 16 == 0 else 0   # 16-byte rows
+    smem = m * q * stride * 4 + max(red, staged)
     if smem > MAX_SMEM:
         raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
     args.stage_stride = stride
@@ -392,7 +410,7 @@ class GemvqLauncher:
         self.launch = None
         if self.m and n:
             self.launch = _gemv_launch(self.args, self.m, a_bits, p, nt, 1, tuple(tile[1:4]), _stage_stride(words),
-                                       self.dev)
+                                       self.dev, x.numel() * x.element_size())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty((self.m, self.n, 1) if self.integer else (self.m, self.n), dtype=self.dtype,
@@ -414,16 +432,30 @@ def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, b
 
 
 def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
-                    group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None):
+                    group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None,
+                    hadamard_block: torch.Tensor | None = None):
     """A callable x -> y equal to bmma_linear(x, ...) for inputs of x's shape, dtype and device: a prepared
-    GemvqLauncher where the tile is "gemvq", else bmma_linear with the tile resolved once."""
+    GemvqLauncher where the tile is "gemvq", else bmma_linear with the tile resolved once. hadamard_block:
+    the input first goes through that online Hadamard (per-call-site row counters for the fused kernel)."""
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
     if tile[0] == "gemvq" and groups == 1:
-        return GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
-                             act_symmetric, tile)
+        run = GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
+                            act_symmetric, tile)
+        if hadamard_block is None:
+            return run
+        from .hadamard import hadamard_cuda
+        return lambda x2: run(hadamard_cuda(x2, hadamard_block))
+    counter = None if hadamard_block is None else _fresh_counter(x.shape[0], x.device)
     return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
-                                  in_features, act_symmetric, tile)
+                                  in_features, act_symmetric, tile, hadamard_block, counter)
+
+
+def _fresh_counter(rows: int, device: torch.device) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        raise AbqcError("the fused Hadamard kernel's row counters are made on the first eager call: run the "
+                        "layer (or the model) once before capturing a CUDA graph")
+    return torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
 
 
 def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
@@ -434,13 +466,24 @@ def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
 
 
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
-                group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None) -> torch.Tensor:
+                group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None,
+                hadamard_block: torch.Tensor | None = None, counter: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
     (or, for a ("gemvq", ...) tile, one GEMV launch that quantizes in-kernel: gemv_quant; for an
-    ("int8", ...) tile, the INT8 family: int8_linear)."""
+    ("int8", ...) tile, the INT8 family: int8_linear). hadamard_block (float32 [m, m]): y = W(H x), the
+    online Hadamard fused into the quantize-and-pack launch (hadamard.hadamard_pack; counter: its row
+    counters), or, for the gemvq and INT8 families, a launch of its own before them."""
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
+    if hadamard_block is not None:
+        from .hadamard import hadamard_cuda, hadamard_pack
+        if tile[0] in ("gemvq", "int8"):
+            x = hadamard_cuda(x, hadamard_block)
+        else:
+            packed = hadamard_pack(x, hadamard_block, a_bits, group_words, groups, act_symmetric, counter)
+            epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
+            return bmma(w_tiled, packed[0], n, in_features, group_words, 1, epi, tile, x.dtype)
     if tile[0] == "gemvq":
         if groups != 1:
             raise ValueError("the gemvq family serves per-channel weights only")

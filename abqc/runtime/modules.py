@@ -192,15 +192,21 @@ class QuantLinear(nn.Module):
         if planes is not None and self.keeps_tiles_only(planes.device) and not self.pair.weight_only:
             self.tiled_weights()        # tile now, so the canonical copy goes before the first forward
 
+    def _fused_pre(self, x: torch.Tensor) -> bool:
+        """Whether the CUDA kernels apply self.pre themselves (an online Hadamard fused into the quantizer)."""
+        return isinstance(self.pre, OnlineHadamard) and x.is_cuda and not self.pair.weight_only
+
     @torch.compiler.disable   # driver launches through ctypes: torch.compile graphs break here, by design
-    def _cuda_linear(self, x2: torch.Tensor) -> torch.Tensor:
+    def _cuda_linear(self, x2: torch.Tensor, fused_pre: bool = False) -> torch.Tensor:
         from ..codegen import planner
         from . import cuda
         x2 = x2.contiguous()
         wt = self.tiled_weights()
-        # launchers prepared per (tokens, dtype, tiles, tile, plans): eager decode pays one launch's Python.
-        # They point at this module's buffers: replacing a buffer, _apply and loads drop them.
-        key = (x2.shape[0], x2.dtype, x2.device, id(wt), self.tile, planner.generation(), os.environ.get("ABQC_CACHE"))
+        hblock = self.pre.kernel_block(x2.device) if fused_pre else None
+        # launchers prepared per (tokens, dtype, tiles, tile, plans, Hadamard block): eager decode pays one
+        # launch's Python. They point at this module's buffers: replacing a buffer, _apply and loads drop them.
+        key = (x2.shape[0], x2.dtype, x2.device, id(wt), self.tile, planner.generation(), os.environ.get("ABQC_CACHE"),
+               None if hblock is None else id(hblock))
         launchers = self.__dict__.setdefault("_launchers", {})
         run = launchers.get(key)
         if run is None:
@@ -210,7 +216,8 @@ class QuantLinear(nn.Module):
                 launchers.clear()
             run = launchers[key] = cuda.linear_launcher(x2, wt, self.w_scale, self.w_zero, self.w_sum, self.bias,
                                                         self.out_features, self.pair.a_bits, gw, groups,
-                                                        self.in_features, self.act_symmetric, tile=self.tile)
+                                                        self.in_features, self.act_symmetric, tile=self.tile,
+                                                        hadamard_block=hblock)
         return run(x2)
 
     tile = None  # (family, warps splitting K, token tiles[, channel tiles]) from the planner; None: default
@@ -240,12 +247,13 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre is not None:
+        fused_pre = self._fused_pre(x)
+        if self.pre is not None and not fused_pre:
             x = self.pre(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.is_cuda and not self.pair.weight_only:
-            y = self._cuda_linear(x2)
+            y = self._cuda_linear(x2, fused_pre)
         elif self.pair.weight_only:
             y = ops.wq_linear(x2, self.w_planes, self.w_scale, self.w_zero, self.bias,
                               self.group_size, self.in_features)

@@ -8,9 +8,9 @@
 // NTW channel tiles, so the staged activations are amortised over NTW times more weight bytes.
 // Weight planes accumulate separately (acc[u][i]); the shifts 2^i and 2^j, the K-split reduction
 // and the epilogue run once, at the end, via shared memory.
-// Launched with Args.x set, the kernel quantizes and packs the activations itself (quant_rows): every
-// block re-derives the few token rows' codes from L2, which costs less at decode than a separate
-// packing launch and its round trip through memory.
+// Launched with Args.x set ("gemvq"), the kernel quantizes and packs the activations itself (quant_rows):
+// every block re-derives the few token rows' codes (from a shared-memory copy of the rows where they fit),
+// instead of a separate packing launch and its round trip through memory.
 #define NCOL (MT * Q)
 #define TN ((NCOL + 7) / 8)
 #define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : (P == 2 ? 6 : 8)))))
@@ -59,19 +59,47 @@ __device__ __forceinline__ void minmax2(u32 w, int bf, float &lo, float &hi) {
   lo = fminf(lo, fminf(f0, f1)); hi = fmaxf(hi, fmaxf(f0, f1));
 }
 
+// Rows of x up to this many bytes in all are copied to shared memory first (cp.async, every copy in
+// flight at once) and quantized from there; runtime.cuda.GEMVQ_XSTAGE_BYTES mirrors it to size the launch.
+// Larger or unaligned inputs are read from L2 element by element (a chain of dependent L2 round trips).
+#define XSTAGE_BYTES (64 * 1024)
+
+__device__ __forceinline__ bool x_staged(const Args &a) {
+  const int esz = a.x_dtype == 1 ? 4 : 2;
+  return (i64)a.M * a.K * esz <= XSTAGE_BYTES && (a.K * esz) % 16 == 0 && (((unsigned long long)a.x) & 15) == 0;
+}
+
+__device__ __forceinline__ float smem_x(const void *xsm, int dt, int i) {
+  if (dt == 1) return ((const float *)xsm)[i];
+  const unsigned short h = ((const unsigned short *)xsm)[i];
+  if (dt == 3) return __uint_as_float(((u32)h) << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+  return v;
+}
+
 // Per-token dynamic quantization of x [M][K] into the staged rows (row m*Q + j = plane j of token m),
 // with quant_pack.cu's float32 arithmetic, so the codes, scale, zero and code sum equal the packer's.
+// xsm: shared memory for the staged rows (x_staged), or null to read x from global memory.
 __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, float *qs, int *qz, int *qsum,
-                                           float *rlo, float *rhi) {
+                                           float *rlo, float *rhi, void *xsm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, kw = a.gw;
   const int esz = a.x_dtype == 1 ? 4 : 2, per_vec = 16 / esz;
   const bool vec = a.K % per_vec == 0 && (((unsigned long long)a.x) & 15) == 0;
+  if (xsm) {
+    const uint4 *src = (const uint4 *)a.x;
+    uint4 *dst = (uint4 *)xsm;
+    const int nv = a.M * a.K / per_vec;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) cp_async16(dst + v, src + v);
+    asm volatile("cp.async.wait_all;\n" ::);
+    __syncthreads();
+  }
   for (int m = 0; m < a.M; ++m) {   // a runtime loop of scalars: nothing held across tokens
     float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
     if (vec) {
-      const uint4 *row = (const uint4 *)((const char *)a.x + (i64)m * a.K * esz);
+      const uint4 *row = (const uint4 *)((const char *)(xsm ? xsm : a.x) + (i64)m * a.K * esz);
       for (int v = threadIdx.x; v < a.K / per_vec; v += blockDim.x) {
-        const uint4 r = __ldg(row + v);
+        const uint4 r = xsm ? row[v] : __ldg(row + v);
         if (a.x_dtype == 1) {
           lo = fminf(lo, fminf(fminf(__uint_as_float(r.x), __uint_as_float(r.y)),
                                fminf(__uint_as_float(r.z), __uint_as_float(r.w))));
@@ -114,34 +142,53 @@ __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, f
     qs[m] = scale; qz[m] = (int)zero; qsum[m] = 0;
   }
   __syncthreads();
-  // 4 words per warp in flight: their loads are issued together (the row is in L1/L2 after the pass above)
-  const int total = a.M * kw;
-  for (int i0 = warp; i0 < total; i0 += 4 * nw) {
-    float v[4];
+  for (int m = 0; m < a.M; ++m) {
+    const float sc = qs[m], zf = (float)qz[m];
+    int sum = 0;                 // this lane's codes of token m, reduced once per warp below
+    if (xsm) {
+#pragma unroll 4
+      for (int w = warp; w < kw; w += nw) {
+        const int k = w * 32 + lane;
+        int u = 0;
+        if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(smem_x(xsm, a.x_dtype, m * a.K + k), sc)) + zf, 0.f), (float)qmax);
+        u32 mine = 0;
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int idx = i0 + r * nw, m = idx / kw, k = (idx - m * kw) * 32 + lane;
-      v[r] = idx < total && k < a.K ? x_at(a, (i64)m * a.K + k) : 0.f;
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int idx = i0 + r * nw;
-      if (idx >= total) break;
-      const int m = idx / kw, w = idx - m * kw, k = w * 32 + lane;
-      int u = 0;
-      if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(v[r], qs[m])) + (float)qz[m], 0.f), (float)qmax);
-      u32 mine = 0;
-#pragma unroll
-      for (int j = 0; j < Q; ++j) {
-        const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
-        if (lane == j) mine = bits;
+        for (int j = 0; j < Q; ++j) {
+          const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+          if (lane == j) mine = bits;
+        }
+        if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
+        sum += u;
       }
-      if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
-      int sum = u;
+    } else {
+      // 4 words per warp in flight: their loads are issued together
+      for (int w0 = warp; w0 < kw; w0 += 4 * nw) {
+        float v[4];
 #pragma unroll
-      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) atomicAdd(&qsum[m], sum);
+        for (int r = 0; r < 4; ++r) {
+          const int k = (w0 + r * nw) * 32 + lane;
+          v[r] = w0 + r * nw < kw && k < a.K ? x_at(a, (i64)m * a.K + k) : 0.f;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int w = w0 + r * nw, k = w * 32 + lane;
+          if (w >= kw) break;
+          int u = 0;
+          if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(v[r], sc)) + zf, 0.f), (float)qmax);
+          u32 mine = 0;
+#pragma unroll
+          for (int j = 0; j < Q; ++j) {
+            const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+            if (lane == j) mine = bits;
+          }
+          if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
+          sum += u;
+        }
+      }
     }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) atomicAdd(&qsum[m], sum);
   }
 }
 
@@ -156,17 +203,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   u32 *xs = sm;
   int *red = (int *)(sm + ncol * stride);
 
-  if (a.x) {
-    // the block's weights head for L2 while it quantizes (prefetches hold no registers, so nothing is
-    // live across quant_rows' division); the loads below then hit L2
+  {
+    // every block's weights head for L2 first (prefetches hold no registers): the register loads below,
+    // PF steps deep, then mostly hit L2, and at decode the weight stream overlaps the activation staging
+    // (or, for gemvq, the in-kernel quantization)
     const int tiles = min(NTW, nts - nt0);
     const uint4 *pw = a.wt + (i64)nt0 * steps * P * 32 + lane;
     for (int idx = warp; idx < tiles * steps; idx += WK) {   // (tile, step) pairs, P planes each
       const uint4 *src = pw + (i64)idx * P * 32;
       for (int i = 0; i < P; ++i) asm volatile("prefetch.global.L2 [%0];" ::"l"(src + i * 32));
     }
-    quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi);
   }
+  // gemvq: the x rows are staged where the K-split partials go later (both never live at once)
+  if (a.x) quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi, x_staged(a) ? (void *)red : nullptr);
   uint4 wb[PF][NTW][P];
 #pragma unroll
   for (int b = 0; b < PF; ++b)

@@ -1,9 +1,15 @@
-// abqc online Hadamard: y = x H_n^T / sqrt(n) per row, H_n = H_(2^k) (Sylvester) kron B (m x m).
-// One block per row; the row lives in shared memory as float32 (n floats of dynamic shared memory).
-// Stage 1, the fast Walsh-Hadamard transform over the 2^k factor: log2(2^k) butterfly stages, each
-// thread owning disjoint pairs (i, i + h) of one column, so a stage needs no atomics. Stage 2, the
-// dense m x m factor straight from shared memory to global. Same butterflies as the torch reference,
-// float32 accumulation. The generator prepends KERNEL_NAME.
+// abqc online Hadamard: y = x H_n^T / sqrt(n) per row, H_n = H_(2^k) (Sylvester) kron B (m x m), and,
+// built with HADAMARD_PACK (and Q), the activation quantizer fused behind it.
+// Grid (rows, column blocks). Every block stages its row in shared memory as float32 and runs stage 1,
+// the fast Walsh-Hadamard transform over the 2^k factor (log2(2^k) butterfly stages, each thread owning
+// disjoint pairs (i, i + h) of one column: no atomics). Stage 2, the dense m x m factor, is split over
+// the row's blocks by output column c: block b owns columns [b*cols, (b+1)*cols) for all 2^k rows r of
+// the [2^k][m] view, staging `sub` rows of B at a time (stride m + 4: conflict-free, 16-byte aligned).
+// At decode (a few rows) a row's m x n multiply-adds so spread over tens of SMs instead of one.
+// HADAMARD_PACK: the last block of a row to finish (a per-row counter, reset by that block) reads the
+// row back as stored (in x's dtype, through L2) and quantizes and packs it exactly as quant_pack.cu does
+// (same float32 arithmetic, same outputs: planes [Q][rows][KW], code sums, scale, zero), so the fused
+// path equals hadamard then quant_pack bit for bit, in one launch. The generator prepends KERNEL_NAME.
 typedef unsigned int u32;
 typedef long long i64;
 
@@ -12,6 +18,12 @@ struct HArgs {
   const float *block;                // [m][m]
   int rows, pow2, m, dtype;
   float scale;                       // 1 / sqrt(n)
+  int cols, sub;                     // B columns per block, B rows staged in shared memory at a time
+  // HADAMARD_PACK builds only
+  int *counter;                      // [rows], zero between launches: blocks of the row that are done
+  u32 *planes; int *sums;            // [Q][rows][KW]; [rows][G] (G == 1: [rows][1])
+  float *a_scale; int *a_zero;       // [rows]
+  int KW, gw, G, symmetric;
 };
 
 __device__ __forceinline__ float load_elem(const void *p, i64 i, int dtype) {
@@ -31,10 +43,23 @@ __device__ __forceinline__ void store_elem(void *p, i64 i, float v, int dtype) {
   ((unsigned short *)p)[i] = h;
 }
 
+#ifdef HADAMARD_PACK
+// Another block's stores, read through L2 (L1 is not coherent across SMs).
+__device__ __forceinline__ float load_elem_l2(const void *p, i64 i, int dtype) {
+  if (dtype == 1) return __ldcg((const float *)p + i);
+  const unsigned short h = __ldcg((const unsigned short *)p + i);
+  if (dtype == 3) return __uint_as_float(((u32)h) << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+  return v;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const HArgs a) {
-  extern __shared__ float s[];
-  const int m = a.m, n = a.pow2 * a.m;
+  extern __shared__ float s[];       // the row (n floats), then `sub` rows of B (stride m + 4)
+  const int m = a.m, n = a.pow2 * m, sb = m + 4;
   const i64 base = (i64)blockIdx.x * n;
+  float *bs = s + n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = load_elem(a.x, base + i, a.dtype);
   __syncthreads();
   for (int h = 1; h < a.pow2; h <<= 1) {
@@ -47,11 +72,89 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const HArgs a) {
     }
     __syncthreads();
   }
-  for (int t = threadIdx.x; t < n; t += blockDim.x) {
-    const int r = t / m, c = t % m;
-    const float *row = s + r * m, *b = a.block + (i64)c * m;
-    float acc = 0.f;
-    for (int k = 0; k < m; ++k) acc = fmaf(row[k], __ldg(b + k), acc);
-    store_elem(a.out, base + t, acc * a.scale, a.dtype);
+  const int c_begin = blockIdx.y * a.cols, c_end = min(m, c_begin + a.cols);
+  for (int c0 = c_begin; c0 < c_end; c0 += a.sub) {
+    const int cs = min(a.sub, c_end - c0);
+    __syncthreads();                 // the previous slice's readers are done with bs
+    for (int i = threadIdx.x; i < cs * m; i += blockDim.x) {
+      const int r = i / m, k = i - r * m;
+      bs[r * sb + k] = __ldg(a.block + (i64)(c0 + r) * m + k);
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < a.pow2 * cs; t += blockDim.x) {
+      const int r = t / cs, cc = t - r * cs;   // lanes of a warp: a few r, consecutive c
+      const float *xr = s + r * m, *b = bs + cc * sb;
+      float acc = 0.f;
+      if ((m & 3) == 0) {            // 16-byte shared loads (Paley orders are multiples of 4)
+        float acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+        for (int k = 0; k < m; k += 4) {
+          const float4 xv = *(const float4 *)(xr + k), bv = *(const float4 *)(b + k);
+          acc = fmaf(xv.x, bv.x, acc); acc1 = fmaf(xv.y, bv.y, acc1);
+          acc2 = fmaf(xv.z, bv.z, acc2); acc3 = fmaf(xv.w, bv.w, acc3);
+        }
+        acc = (acc + acc1) + (acc2 + acc3);
+      } else {
+        for (int k = 0; k < m; ++k) acc = fmaf(xr[k], b[k], acc);
+      }
+      store_elem(a.out, base + r * m + c0 + cc, acc * a.scale, a.dtype);
+    }
   }
+#ifdef HADAMARD_PACK
+  __shared__ int last;
+  __shared__ float smin[8], smax[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, row = blockIdx.x;
+  __threadfence();                   // this block's outputs reach L2 before the block is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.counter + row, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  if (threadIdx.x == 0) a.counter[row] = 0;   // every block of the row has been counted: reset for the next launch
+  __threadfence();
+  // the whole transformed row as stored (x's dtype), so the codes are those quant_pack.cu gives for it
+  float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = load_elem_l2(a.out, base + i, a.dtype);
+    s[i] = v;
+    lo = fminf(lo, v); hi = fmaxf(hi, v);
+  }
+  int *gsum = (int *)bs;             // G group code sums
+  for (int i = threadIdx.x; i < a.G; i += blockDim.x) gsum[i] = 0;
+  for (int o = 16; o; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if (lane == 0) { smin[warp] = lo; smax[warp] = hi; }
+  __syncthreads();
+  lo = smin[0]; hi = smax[0];
+  for (int w = 1; w < nwarps; ++w) { lo = fminf(lo, smin[w]); hi = fmaxf(hi, smax[w]); }
+  const int qmax = (1 << Q) - 1;     // quant_pack.cu's scale and zero, the same expressions
+  float scale, zero;
+  if (a.symmetric) {
+    const float absmax = fmaxf(fabsf(hi), fabsf(lo));
+    scale = fmaxf(absmax / (float)((1 << (Q - 1)) - 1), 1e-8f);
+    zero = (float)(1 << (Q - 1));
+  } else {
+    const float mn = fminf(lo, 0.f), mx = fmaxf(hi, 0.f);
+    scale = fmaxf((mx - mn) / (float)qmax, 1e-8f);
+    zero = fminf(fmaxf(rintf(-mn / scale), 0.f), (float)qmax);
+  }
+  if (threadIdx.x == 0) { a.a_scale[row] = scale; a.a_zero[row] = (int)zero; }
+  for (int w = warp; w < a.KW; w += nwarps) {
+    const int k = w * 32 + lane;
+    int u = 0;
+    if (k < n) u = (int)fminf(fmaxf(rintf(s[k] / scale) + zero, 0.f), (float)qmax);
+    u32 mine = 0;                    // lane j keeps plane j's word (LSB-first: lane l -> bit l)
+#pragma unroll
+    for (int j = 0; j < Q; ++j) {
+      const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+      if (lane == j) mine = bits;
+    }
+    if (lane < Q) a.planes[((i64)lane * a.rows + row) * a.KW + w] = mine;
+    int sum = u;
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) atomicAdd(&gsum[a.G == 1 ? 0 : w / a.gw], sum);
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < a.G; g += blockDim.x) a.sums[(i64)row * a.G + g] = gsum[g];
+#endif
 }
