@@ -203,10 +203,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   u32 *xs = sm;
   int *red = (int *)(sm + ncol * stride);
 
-  {
-    // every block's weights head for L2 first (prefetches hold no registers): the register loads below,
-    // PF steps deep, then mostly hit L2, and at decode the weight stream overlaps the activation staging
-    // (or, for gemvq, the in-kernel quantization)
+  if (a.x) {
+    // gemvq: the block's weights head for L2 while it quantizes (prefetches hold no registers, so nothing
+    // is live across quant_rows' division); the loads below then hit L2. (For the packer-fed build the
+    // same prefetch measured 0-12% slower on the H200: its PF-deep register loads already cover the latency.)
     const int tiles = min(NTW, nts - nt0);
     const uint4 *pw = a.wt + (i64)nt0 * steps * P * 32 + lane;
     for (int idx = warp; idx < tiles * steps; idx += WK) {   // (tile, step) pairs, P planes each
