@@ -41,8 +41,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))          # benchmarks/provenance.py, also when loaded by path (tests)
 
 import abqc  # noqa: E402
+from provenance import software  # noqa: E402
 
 IMPLS = ("fp16", "w8a8", "w2a8", "w4a4", "w4a8")
 GIB = 1024 ** 3
@@ -432,10 +434,12 @@ def markdown(records: list[dict], out: Path) -> str:
     if ppl.exists():
         p = json.loads(ppl.read_text())
         lines += ["", "## Correctness: real default model on GPU vs CPU", "",
-                  f"{p['model']}, abqc {p['bits']} ({p['method']}), {p['windows']} windows x {p['seqlen']} tokens: "
+                  f"{p['model']} ({p.get('model_source', 'the shipped Q4_1 GGUF, dequantized to FP by transformers')}), "
+                  f"corpus {p.get('corpus', 'wiki')} (held-out split), abqc {p['bits']} ({p['method']}), "
+                  f"{p['windows']} windows x {p['seqlen']} tokens: "
                   f"PPL CPU {p['ppl_cpu']:.4f}, GPU ({p['gpu']}) {p['ppl_gpu']:.4f}, relative difference "
                   f"{p['rel_diff'] * 100:.3f}% (target <= 0.5%: {'met' if p['ok'] else 'NOT met'}). "
-                  f"Command: `{p['command']}`"]
+                  f"Command: `{p['command']}`" + (f" ({p['software']})" if p.get("software") else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -463,18 +467,6 @@ def targets(ref: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- runs
-
-def software() -> str:
-    import subprocess
-    import transformers
-    try:    # the code measured: a copy without .git (the lent GPU machine) says so
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return (f"torch {torch.__version__}, transformers {transformers.__version__}, abqc {abqc.__version__}, "
-            f"code {rev or 'unknown (no git checkout)'}")
-
 
 def hardware(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
@@ -578,7 +570,7 @@ def run_check_ppl(args, command: str) -> int:
     model, tok, info = abqc.load()
     ids = data.tokenize(tok, data.split_text("wiki", "eval"))
     rec = ppl_check(model, ids, "w4a8", args.ppl_limit, args.ppl_seqlen, "cuda")
-    rec.update(model=info.name, gpu=torch.cuda.get_device_name(), command=command)
+    rec.update(model=info.name, gpu=torch.cuda.get_device_name(), command=command, software=software(), corpus="wiki")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_ppl.json").write_text(json.dumps(rec, indent=1))
