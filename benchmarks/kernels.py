@@ -10,6 +10,8 @@ with --tune, else its default); "abqc-<family>" rows are the fastest tile of tha
 include activation quantization (the whole linear from FP16 in to FP16 out); the INT8/FP8 rows time the GEMM alone on already-quantized
 activations, and pad M up to what those kernels accept (noted). For M <= 8 the table reports the
 packed weight bytes moved per second as a fraction of the measured device-to-device copy rate.
+"abqc-nopdl" rows (M <= 8) launch the planner's tile without programmatic dependent launch (the GEMV
+starts only after the activation packer has finished), for the PDL's gain in the same run.
 "abqc+hadamard" rows (K = 11008, M <= 8) add the online Hadamard that the rotate pass puts on the
 down_proj input, fused into the activation quantizer (the unfused cost is in the note): the decode cost
 of rotation.
@@ -180,6 +182,9 @@ def main(argv=None):
                     help="also time the best tile of each of these kernel families (a row each where it applies)")
     ap.add_argument("--no-hadamard", action="store_true",
                     help="skip the abqc+hadamard rows (online Hadamard + linear, K = 11008, M <= 8)")
+    ap.add_argument("--no-pdl-rows", action="store_true",
+                    help="skip the abqc-nopdl rows (M <= 8: the planner's tile launched without programmatic "
+                         "dependent launch, the packer and GEMV strictly one after the other)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
     if not rcuda.available():
@@ -231,7 +236,15 @@ def main(argv=None):
             for bits in args.bits:
                 pair, ql = layers[(bits, n, k)]
                 us, tile, wbytes, note = bench_abqc(pair, ql, x, args.tune and m <= args.tune_max_m)
-                add("abqc", bits, m, n, k, us, flop, wbytes, f"planner's choice; {note}", tile)
+                add("abqc", bits, m, n, k, us, flop, wbytes, f"planner's choice; {note}; PDL {rcuda.pdl_status()}",
+                    tile)
+                if m <= 8 and not args.no_pdl_rows and not rcuda.pdl_status().startswith("off"):
+                    rcuda.set_pdl(False)      # the same tile, the GEMV launched only after the packer finished
+                    try:
+                        us0, _, _, note0 = bench_abqc(pair, ql, x, False)
+                    finally:
+                        rcuda.set_pdl(True)
+                    add("abqc-nopdl", bits, m, n, k, us0, flop, wbytes, f"planner's tile without PDL; {note0}", tile)
                 if k == DOWN_K and m <= 8 and not args.no_hadamard:
                     # rotation (issue 8) adds an online Hadamard on the down_proj input at decode
                     had = hadamards.setdefault(k, OnlineHadamard.of_size(k).cuda())

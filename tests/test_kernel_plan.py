@@ -192,3 +192,44 @@ def test_gemvq_is_a_tuning_candidate_not_the_default():
     cands = planner.candidates(2, 8, 1)
     assert {c[0] for c in cands} == {"bmma", "gemv", "gemvq"}
     assert sorted(c[1:] for c in cands if c[0] == "gemv") == sorted(c[1:] for c in cands if c[0] == "gemvq")
+
+
+def test_programmatic_dependent_launch_config():
+    """The GEMV's launch config asks for programmatic stream serialization (it may start while its packer
+    runs; the kernel waits with griddepcontrol.wait before reading the packer's outputs), and PDL can be
+    turned off and on (benchmarks time both in one run)."""
+    pytest.importorskip("cuda.bindings.driver")
+    from cuda.bindings import driver as drv
+    cfg = rcuda._pdl_config((7, 3), 256, 4096)
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.sharedMemBytes) == (7, 3, 1, 256, 4096)
+    assert cfg.numAttrs == 1
+    attr = cfg.attrs[0]
+    assert attr.id == drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert attr.value.programmaticStreamSerializationAllowed == 1
+    before = dict(rcuda._PDL)
+    try:
+        rcuda.set_pdl(False)
+        assert rcuda.pdl_status() == "off (turned off)"
+        rcuda.set_pdl(True)
+        assert rcuda.pdl_status().startswith("on")
+    finally:
+        rcuda._PDL.update(before)
+
+
+def test_pdl_instructions_only_where_they_belong(tmp_path):
+    """griddepcontrol.wait (SASS ACQBULK) in the sm_90a GEMV, the early release (PREEXIT) in the packers that
+    precede it; sm_80 builds carry neither (griddepcontrol needs sm_90)."""
+    nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
+    try:
+        nvrtc.compiler_version()
+    except Exception:
+        pytest.skip("NVRTC not installed")
+    from abqc.codegen.config import KernelConfig
+    from abqc.runtime.hadamard import HadamardKernel
+    for arch in ("sm_90a", "sm_80"):
+        for cfg, op in ((KernelConfig("gemv", 8, 2, 1, arch, 1), "ACQBULK"), (KernelConfig("quant_pack", 8, arch=arch),
+                        "PREEXIT"), (HadamardKernel(arch, 8), "PREEXIT")):
+            d = tmp_path / f"{cfg.name}-{arch}"
+            d.mkdir()
+            s = nvrtc.sass(nvrtc.compile_cubin(cfg, use_cache=False), d)
+            assert (op in s) == (arch == "sm_90a"), (cfg.name, arch, op)

@@ -153,21 +153,69 @@ def function(cfg: KernelConfig, device: torch.device):
         return _FUNCS[key]
 
 
-def _prepared(fn, grid, block, smem, args_struct, device):
+_PDL = {"off": os.environ.get("ABQC_PDL", "1") == "0", "why": "ABQC_PDL=0" if os.environ.get("ABQC_PDL") == "0" else ""}
+
+
+def pdl_status() -> str:
+    """'on', or why programmatic dependent launches are off (ABQC_PDL=0, not sm_90, a failed launch)."""
+    return f"off ({_PDL['why']})" if _PDL["off"] else "on (sm_90)"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launches on or off for launches prepared from now on (benchmarks A/B)."""
+    _PDL["off"], _PDL["why"] = (not enabled), ("" if enabled else "turned off")
+
+
+def _pdl_config(grid, block, smem):
+    """A CUlaunchConfig with the programmatic-stream-serialization attribute (its stream set per launch)."""
+    drv = _drv()
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid[0], grid[1], grid[2] if len(grid) > 2 else 1
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
+    cfg.sharedMemBytes = smem
+    cfg.attrs, cfg.numAttrs = [attr], 1
+    return cfg
+
+
+def _prepared(fn, grid, block, smem, args_struct, device, pdl: bool = False):
     """A no-argument callable launching fn with args_struct's contents at call time, on torch's current
-    stream then (CUDA-graph capture runs on a side stream)."""
+    stream then (CUDA-graph capture runs on a side stream). pdl=True (a kernel that calls griddepcontrol.wait
+    before it reads its predecessor's outputs, on sm_90): launched as a programmatic dependent, so it starts
+    while the kernel before it (which releases it early) still runs; if the driver refuses such a launch,
+    PDL is turned off for the process and the launch repeats as a plain one."""
     drv = _drv()
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args_struct))
     z = grid[2] if len(grid) > 2 else 1      # a third grid dimension: the CUTLASS path's K groups
     gx, gy, addr, launch, stream_of, ok = grid[0], grid[1], ctypes.addressof(params), drv.cuLaunchKernel, \
         drv.CUstream, drv.CUresult.CUDA_SUCCESS
     current = torch.cuda.current_stream
+    cfg = _pdl_config(grid, block, smem) if pdl and not _PDL["off"] and arch_of(device) == "sm_90a" else None
 
-    def run():
+    def plain():
         err, = launch(fn, gx, gy, z, block, 1, 1, smem, stream_of(current(device).cuda_stream), addr, 0)
         if err != ok:
             raise RuntimeError(f"CUDA driver error in cuLaunchKernel: {err}")
-    run.keep = (params, args_struct)     # the parameter buffer must outlive every launch
+
+    if cfg is None:
+        plain.keep = (params, args_struct)     # the parameter buffer must outlive every launch
+        return plain
+    launch_ex = drv.cuLaunchKernelEx
+
+    def run():
+        if _PDL["off"]:
+            return plain()
+        cfg.hStream = stream_of(current(device).cuda_stream)
+        err, = launch_ex(cfg, fn, addr, 0)
+        if err != ok:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"CUDA driver error in cuLaunchKernelEx (programmatic dependent launch) "
+                                   f"during graph capture: {err}; set ABQC_PDL=0 to launch plainly")
+            _PDL["off"], _PDL["why"] = True, f"cuLaunchKernelEx refused it: {err}"
+            return plain()
+    run.keep = (params, args_struct, cfg)
     return run
 
 
@@ -384,7 +432,7 @@ def _gemv_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile
         raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
     args.stage_stride = stride
     _, fn = function(_config("gemv", q, p, tm, arch_of(dev), ntw), dev)
-    return _prepared(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev)
+    return _prepared(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev, pdl=True)
 
 
 class GemvqLauncher:

@@ -19,6 +19,15 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start while the
+// kernel before it still runs; pdl_wait() blocks until that kernel has finished and its writes are
+// visible. Launched without the attribute (or below sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 struct Args {
   const uint4 *wt;      // tiled weight planes [NT][S][P][32] uint4
   const u32 *act;       // activation planes [Q][M][KW]

@@ -215,11 +215,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
     }
   }
   // gemvq: the x rows are staged where the K-split partials go later (both never live at once)
-  if (a.x) quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi, x_staged(a) ? (void *)red : nullptr);
+  if (a.x) {
+    pdl_wait();
+    quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi, x_staged(a) ? (void *)red : nullptr);
+  }
   uint4 wb[PF][NTW][P];
 #pragma unroll
   for (int b = 0; b < PF; ++b)
     if (warp + b * WK < steps) load_tiles(a, nt0, nts, warp + b * WK, lane, wb[b]);
+  // Launched as the packer's dependent (PDL), everything above ran while the packer did: the first PF
+  // steps of weights are in flight. Only what the packer writes (planes, scales, sums) waits for it.
+  if (!a.x) pdl_wait();
   // row c = m*Q + j holds plane j of token m
   if (!a.x) {
     stage_rows(xs, a.act, ncol, kw, stride, [&](int c) { return ((i64)(c % Q) * a.M + c / Q) * kw; });

@@ -108,6 +108,9 @@ __device__ __forceinline__ void load_row(float *s, const void *p, i64 base, int 
 }
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const HArgs a) {
+#if defined(HADAMARD_PACK) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");   // as quant_pack.cu: the GEMV may launch
+#endif
   extern __shared__ float s[];       // the row (n floats), then `sub` rows of B (stride m + 4)
   const int m = a.m, n = a.pow2 * m, sb = m + 4;
   const i64 base = (i64)blockIdx.x * n;

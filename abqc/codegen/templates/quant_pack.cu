@@ -32,6 +32,11 @@ __device__ __forceinline__ float load_x(const QArgs &a, i64 i) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // the GEMV after this packer may launch now (programmatic dependent launch): it streams its weights
+  // while this kernel runs and waits (griddepcontrol.wait) before it reads what this kernel writes
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   __shared__ float smin[8], smax[8];
   __shared__ int gsum[64];
   const int m = blockIdx.x, chunk = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
