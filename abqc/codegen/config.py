@@ -103,6 +103,8 @@ class KernelConfig:
             defines.append(f"#define {self.family.upper()}")
         if self.family not in ("quant_pack", "quant_int8"):
             parts.append(templates.joinpath("common.cuh").read_text())
+        else:
+            parts.append(templates.joinpath("act_grid.cuh").read_text())
         template = {"quant_int8": "quant_pack", "int8_unpack": "int8", "int8_epilogue": "int8"}.get(self.family,
                                                                                                  self.family)
         parts.append(templates.joinpath(f"{template}.cu").read_text())

@@ -180,23 +180,14 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const HArgs a) {
   __syncthreads();
   lo = smin[0]; hi = smax[0];
   for (int w = 1; w < nwarps; ++w) { lo = fminf(lo, smin[w]); hi = fmaxf(hi, smax[w]); }
-  const int qmax = (1 << Q) - 1;     // quant_pack.cu's scale and zero, the same expressions
-  float scale, zero;
-  if (a.symmetric) {
-    const float absmax = fmaxf(fabsf(hi), fabsf(lo));
-    scale = fmaxf(absmax / (float)((1 << (Q - 1)) - 1), 1e-8f);
-    zero = (float)(1 << (Q - 1));
-  } else {
-    const float mn = fminf(lo, 0.f), mx = fmaxf(hi, 0.f);
-    scale = fmaxf((mx - mn) / (float)qmax, 1e-8f);
-    zero = fminf(fmaxf(rintf(-mn / scale), 0.f), (float)qmax);
-  }
+  float scale, zero;                 // quant_pack.cu's grid (act_grid.cuh)
+  act_grid(lo, hi, a.symmetric, scale, zero);
   if (threadIdx.x == 0) { a.a_scale[row] = scale; a.a_zero[row] = (int)zero; }
   int sum = 0;                       // per-channel: this lane's codes, reduced once per warp at the end
   for (int w = warp; w < a.KW; w += nwarps) {
     const int k = w * 32 + lane;
     int u = 0;
-    if (k < n) u = (int)fminf(fmaxf(rintf(s[k] / scale) + zero, 0.f), (float)qmax);
+    if (k < n) u = act_code(s[k], scale, zero);
     u32 mine = 0;                    // lane j keeps plane j's word (LSB-first: lane l -> bit l)
 #pragma unroll
     for (int j = 0; j < Q; ++j) {

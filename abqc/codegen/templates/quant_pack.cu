@@ -3,7 +3,7 @@
 // row for the range (16-byte loads where the row allows), then quantizes and packs only its chunk of
 // words: a token's packing is spread over many SMs. Codes never touch memory: each warp turns 32
 // codes into Q words with __ballot_sync (lane l -> bit l, the canonical LSB-first layout). Same
-// float32 arithmetic as abqc.quant, so the codes equal the CPU reference's.
+// float32 arithmetic as abqc.quant (act_grid.cuh), so the codes equal the CPU reference's.
 // Code sums: per group when groups are split across chunks never happens (G > 1: chunks hold whole
 // groups) -> sums[m][g]; per-channel (G == 1) -> one partial per chunk, sums[m][chunk].
 typedef unsigned int u32;
@@ -90,24 +90,15 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   __syncthreads();
   lo = smin[0]; hi = smax[0];
   for (int w = 1; w < nwarps; ++w) { lo = fminf(lo, smin[w]); hi = fmaxf(hi, smax[w]); }
-  const int qmax = (1 << Q) - 1;
   float scale, zero;
-  if (a.symmetric) {
-    const float absmax = fmaxf(fabsf(hi), fabsf(lo));
-    scale = fmaxf(absmax / (float)((1 << (Q - 1)) - 1), 1e-8f);
-    zero = (float)(1 << (Q - 1));
-  } else {
-    const float mn = fminf(lo, 0.f), mx = fmaxf(hi, 0.f);
-    scale = fmaxf((mx - mn) / (float)qmax, 1e-8f);
-    zero = fminf(fmaxf(rintf(-mn / scale), 0.f), (float)qmax);
-  }
+  act_grid(lo, hi, a.symmetric, scale, zero);
   if (chunk == 0 && threadIdx.x == 0) { a.scale[m] = scale; a.zero[m] = (int)zero; }
   const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
   const int g0 = a.G == 1 ? 0 : w_begin / a.gw;
   for (int w = w_begin + warp; w < w_end; w += nwarps) {
     const int k = w * 32 + lane;
     int u = 0;
-    if (k < a.K) u = (int)fminf(fmaxf(rintf(load_x(a, base + k) / scale) + zero, 0.f), (float)qmax);
+    if (k < a.K) u = act_code(load_x(a, base + k), scale, zero);
 #ifdef INT8_CODES
     // the INT8 family (int8.cu): centred codes a8 = u - 2^(Q-1), zero past K; sums are of a8
     const int code = k < a.K ? u - (1 << (Q - 1)) : 0;
