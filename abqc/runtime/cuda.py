@@ -208,7 +208,10 @@ def _prepared(fn, grid, block, smem, args_struct, device, pdl: bool = False):
         if _PDL["off"]:
             return plain()
         cfg.hStream = stream_of(current(device).cuda_stream)
-        err, = launch_ex(cfg, fn, addr, 0)
+        try:
+            err, = launch_ex(cfg, fn, addr, 0)
+        except (TypeError, ValueError, RuntimeError) as e:   # bindings that marshal this call differently
+            err = f"{type(e).__name__}: {e}"
         if err != ok:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"CUDA driver error in cuLaunchKernelEx (programmatic dependent launch) "
