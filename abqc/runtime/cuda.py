@@ -162,7 +162,8 @@ def pdl_status() -> str:
 
 
 def set_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launches on or off for launches prepared from now on (benchmarks A/B)."""
+    """Turn programmatic dependent launches off (every launch from now on) or on (launches prepared from now
+    on); benchmarks time both in one run."""
     _PDL["off"], _PDL["why"] = (not enabled), ("" if enabled else "turned off")
 
 
@@ -497,16 +498,12 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
             return run
         from .hadamard import hadamard_cuda
         return lambda x2: run(hadamard_cuda(x2, hadamard_block))
-    counter = None if hadamard_block is None else _fresh_counter(x.shape[0], x.device)
+    counter = None
+    if hadamard_block is not None:
+        from .hadamard import fresh_counters
+        counter = fresh_counters(x.shape[0], x.device)
     return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
                                   in_features, act_symmetric, tile, hadamard_block, counter)
-
-
-def _fresh_counter(rows: int, device: torch.device) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
-        raise AbqcError("the fused Hadamard kernel's row counters are made on the first eager call: run the "
-                        "layer (or the model) once before capturing a CUDA graph")
-    return torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
 
 
 def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
@@ -527,14 +524,9 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
-    if hadamard_block is not None:
-        from .hadamard import hadamard_cuda, hadamard_pack
-        if tile[0] in ("gemvq", "int8"):
-            x = hadamard_cuda(x, hadamard_block)
-        else:
-            packed = hadamard_pack(x, hadamard_block, a_bits, group_words, groups, act_symmetric, counter)
-            epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
-            return bmma(w_tiled, packed[0], n, in_features, group_words, 1, epi, tile, x.dtype)
+    if hadamard_block is not None and tile[0] in ("gemvq", "int8"):   # families that quantize x themselves
+        from .hadamard import hadamard_cuda
+        x, hadamard_block = hadamard_cuda(x, hadamard_block), None
     if tile[0] == "gemvq":
         if groups != 1:
             raise ValueError("the gemvq family serves per-channel weights only")
@@ -545,7 +537,11 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
             raise ValueError("the int8 family serves per-channel weights only")
         return int8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                            act_symmetric)
-    packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
+    if hadamard_block is None:
+        packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
+    else:
+        from .hadamard import hadamard_pack
+        packed = hadamard_pack(x, hadamard_block, a_bits, group_words, groups, act_symmetric, counter)
     epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
     return bmma(w_tiled, packed[0], n, in_features, group_words, 1, epi, tile, x.dtype)
 

@@ -272,20 +272,25 @@ def _rows_and_block(x: torch.Tensor, block: torch.Tensor):
     return x2, b32, n, pow2, x2.numel() // n
 
 
+def fresh_counters(rows: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 row counters for one call site of the fused kernel (which leaves them zero). Made
+    eagerly: zeroed inside a CUDA-graph capture they would be zero only in that graph's replays."""
+    if torch.cuda.is_current_stream_capturing():
+        raise AbqcError("the fused Hadamard kernel's row counters are made on the first eager call: run the "
+                        "layer (or the model) once before capturing a CUDA graph")
+    return torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
+
+
 _COUNTERS: dict = {}
 
 
 def row_counters(rows: int, device: torch.device) -> torch.Tensor:
-    """Zeroed per-row counters for fused launches, made once per device and grown as needed (the fused
-    kernel leaves them zero). Launches on one stream at a time share them; older buffers stay alive for
-    CUDA graphs that captured them."""
+    """The device's shared row counters (fresh_counters), grown as needed. Launches on one stream at a time
+    share them; older buffers stay alive for CUDA graphs that captured them."""
     got = _COUNTERS.get(device.index)
     if got is None or got[-1].numel() < rows:
-        if torch.cuda.is_current_stream_capturing():
-            raise AbqcError("the fused Hadamard kernel's row counters are made on the first eager call: run the "
-                            "layer (or the model) once before capturing a CUDA graph")
         size = max(rows, 1024, 2 * (got[-1].numel() if got else 0))
-        _COUNTERS.setdefault(device.index, []).append(torch.zeros(size, dtype=torch.int32, device=device))
+        _COUNTERS.setdefault(device.index, []).append(fresh_counters(size, device))
         got = _COUNTERS[device.index]
     return got[-1]
 
