@@ -78,6 +78,20 @@ __device__ __forceinline__ float smem_x(const void *xsm, int dt, int i) {
   return v;
 }
 
+// One word of a token's codes: lane l's value -> its code (0 where !valid, past K), and plane j's 32 bits
+// (lane l -> bit l) stored by lane j at dst[j * plane_stride]. Returns the lane's code.
+__device__ __forceinline__ int code_word(float v, bool valid, float sc, float zf, int lane, u32 *dst, int plane_stride) {
+  const int u = valid ? (int)fminf(fmaxf(rintf(div_rn(v, sc)) + zf, 0.f), (float)((1 << Q) - 1)) : 0;
+  u32 mine = 0;
+#pragma unroll
+  for (int j = 0; j < Q; ++j) {
+    const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+    if (lane == j) mine = bits;
+  }
+  if (lane < Q) dst[lane * plane_stride] = mine;
+  return u;
+}
+
 // Per-token dynamic quantization of x [M][K] into the staged rows (row m*Q + j = plane j of token m),
 // with quant_pack.cu's float32 arithmetic, so the codes, scale, zero and code sum equal the packer's.
 // xsm: shared memory for the staged rows (x_staged), or null to read x from global memory.
@@ -149,16 +163,8 @@ __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, f
 #pragma unroll 4
       for (int w = warp; w < kw; w += nw) {
         const int k = w * 32 + lane;
-        int u = 0;
-        if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(smem_x(xsm, a.x_dtype, m * a.K + k), sc)) + zf, 0.f), (float)qmax);
-        u32 mine = 0;
-#pragma unroll
-        for (int j = 0; j < Q; ++j) {
-          const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
-          if (lane == j) mine = bits;
-        }
-        if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
-        sum += u;
+        const float v = k < a.K ? smem_x(xsm, a.x_dtype, m * a.K + k) : 0.f;
+        sum += code_word(v, k < a.K, sc, zf, lane, xs + m * Q * stride + w, stride);
       }
     } else {
       // 4 words per warp in flight: their loads are issued together
@@ -173,16 +179,7 @@ __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, f
         for (int r = 0; r < 4; ++r) {
           const int w = w0 + r * nw, k = w * 32 + lane;
           if (w >= kw) break;
-          int u = 0;
-          if (k < a.K) u = (int)fminf(fmaxf(rintf(div_rn(v[r], sc)) + zf, 0.f), (float)qmax);
-          u32 mine = 0;
-#pragma unroll
-          for (int j = 0; j < Q; ++j) {
-            const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
-            if (lane == j) mine = bits;
-          }
-          if (lane < Q) xs[(m * Q + lane) * stride + w] = mine;
-          sum += u;
+          sum += code_word(v[r], k < a.K, sc, zf, lane, xs + m * Q * stride + w, stride);
         }
       }
     }
