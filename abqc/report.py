@@ -216,7 +216,8 @@ def section_loss(report: dict) -> str:
 
 
 def _kernel_row(e: dict) -> list:
-    """layer, role, bits, N×K, M, family, tile, µs (tuned) / "default" (untuned) / "—" (no bit-plane kernel)."""
+    """layer, role, bits, N×K, M, family, tile, µs (tuned) / "default" (untuned) / "—" (no bit-plane kernel),
+    and how an online Hadamard on the input runs (fused / separate, with both times when tuned)."""
     tile = e.get("tile")
     us = e.get("us")
     if isinstance(us, (int, float)) and not isinstance(us, bool):
@@ -224,8 +225,11 @@ def _kernel_row(e: dict) -> list:
     else:
         timing = "default" if str(e.get("source", "")).startswith("default") else "—"
     shape = f"{e['n']}×{e['k']}" if "n" in e and "k" in e else e.get("shape", "")
+    had, hus = e.get("hadamard") or "", e.get("hadamard_us")
+    if had and isinstance(hus, dict) and all(isinstance(hus.get(k), (int, float)) for k in ("fused", "separate")):
+        had += f" (fused {hus['fused']:.2f} / separate {hus['separate']:.2f} µs)"
     return [e.get("layer", ""), e.get("role", ""), e.get("bits", ""), shape, e.get("m", ""), e.get("family", ""),
-            ",".join(map(str, tile)) if isinstance(tile, (list, tuple)) else (tile or ""), timing]
+            ",".join(map(str, tile)) if isinstance(tile, (list, tuple)) else (tile or ""), timing, had]
 
 
 def section_kernels(report: dict) -> str:
@@ -248,7 +252,8 @@ def section_kernels(report: dict) -> str:
     differ = sum(1 for e in entries if e.get("runtime_tile") is not None and e.get("runtime_tile") != e.get("tile"))
     note = (f"<p>{differ} choices differ from the tile QuantLinear launches: those layers carry a fixed "
             "QuantLinear.tile, which the runtime prefers to the plan.</p>" if differ else "")
-    table = _table(["layer", "role", "bits", "N×K", "M", "family", "tile", "µs"], [_kernel_row(e) for e in entries])
+    table = _table(["layer", "role", "bits", "N×K", "M", "family", "tile", "µs", "online Hadamard"],
+                   [_kernel_row(e) for e in entries])
     return head + table + note
 
 

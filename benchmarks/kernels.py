@@ -13,8 +13,8 @@ packed weight bytes moved per second as a fraction of the measured device-to-dev
 "abqc-nopdl" rows (M <= 8) launch the planner's tile without programmatic dependent launch (the GEMV
 starts only after the activation packer has finished), for the PDL's gain in the same run.
 "abqc+hadamard" rows (K = 11008, M <= 8) add the online Hadamard that the rotate pass puts on the
-down_proj input, fused into the activation quantizer (the unfused cost is in the note): the decode cost
-of rotation.
+down_proj input, run as the runtime runs it (fused into the activation quantizer or as its own launch, the
+planner's choice: tuned with --tune); the note gives both ways' times: the decode cost of rotation.
 Results: benchmarks/results/kernels.{json,md}; the GPU name is in every record.
 """
 from __future__ import annotations
@@ -111,19 +111,17 @@ def abqc_layer(bits, n, k):
     return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
 
 
-def bench_abqc(pair, ql, x, tune: bool, family: str | None = None, hadamard: torch.Tensor | None = None):
+def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
     """(us, tile, packed weight bytes, note) of one abqc linear: the planner's choice (family None), or the
-    fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it.
-    hadamard: an online Hadamard block on the input (fused into the activation quantizer where it can be)."""
+    fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it."""
     gw, groups = ql.group_words_and_count()
     wt = ql.tiled_weights()
     wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
     m, arch = x.shape[0], rcuda.arch_of(x.device)
-    counter = None if hadamard is None else torch.zeros(m, dtype=torch.int32, device=x.device)
 
     def call(w, tile):
         return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
-                                 groups, ql.in_features, False, tile=tile, hadamard_block=hadamard, counter=counter)
+                                 groups, ql.in_features, False, tile=tile)
 
     # candidates are timed as the model runs them: each call of a replay reads another weight copy (from HBM)
     copy = itertools.cycle(wts)
@@ -152,20 +150,50 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None, hadamard: tor
         note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, unpack + _int_mm + epilogue " \
                f"{us - pack_us:.1f} us"
     else:
-        if hadamard is None:
-            def pack():
-                return rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
-        else:
-            def pack():
-                return hadamard_pack(x, hadamard, pair.a_bits, gw, groups, False, counter)
+        def pack():
+            return rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)
         packed = pack()
         epi = rcuda.epilogue_args(ql.w_scale, ql.w_zero, ql.w_sum, packed)
         pack_us = planner.time_us(pack)
         gemm_us = planner.time_us(rotating([lambda w=w: rcuda.bmma(w, packed[0], ql.out_features, ql.in_features,
                                                                    gw, 2, epi, tile) for w in wts]), iters=1) / len(wts)
-        what = "Hadamard+quantize+pack (one launch)" if hadamard is not None else "pack"
-        note = f"incl. activation quantize+pack; {what} {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us"
+        note = f"incl. activation quantize+pack; pack {pack_us:.1f} us, bit-plane GEMM {gemm_us:.1f} us"
     return us, tile, wt.shape[2] * ql.out_features * groups * gw * 4, note
+
+
+def bench_hadamard(pair, ql, x, had: OnlineHadamard, tune: bool, alone_us: float):
+    """(us, tile, note) of the online Hadamard + linear as the runtime runs it: the planner's tile, the
+    Hadamard fused into the activation quantizer or as its own launch (planner.choose_hadamard: timed and
+    stored with tune, else the plan or default). Both ways are timed here, weights streaming from HBM."""
+    from abqc.runtime.hadamard import hadamard_cuda
+    gw, groups = ql.group_words_and_count()
+    wt = ql.tiled_weights()
+    wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
+    m, arch, block = x.shape[0], rcuda.arch_of(x.device), had.kernel_block(x.device)
+    counter = torch.zeros(m, dtype=torch.int32, device=x.device)
+    tile = rcuda.launch_tile(m, wt.shape[2], pair.a_bits, ql.out_features, groups * gw, gw, arch)
+    args = (ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw, groups, ql.in_features, False,
+            tile)
+
+    def call(w, fused):
+        if fused:
+            return rcuda.bmma_linear(x, w, *args, hadamard_block=block, counter=counter)
+        return rcuda.bmma_linear(hadamard_cuda(x, block), w, *args)
+
+    if tile[0] not in ("gemv", "bmma"):      # gemvq / INT8 quantize x themselves: the Hadamard is separate
+        us = planner.time_us(rotating([lambda w=w: call(w, False) for w in wts]), iters=1) / len(wts)
+        return us, tile, f"{tile[0]} quantizes in-kernel, so the Hadamard ({alone_us:.1f} us alone) is its own launch"
+    copy = itertools.cycle(wts)
+    plan = planner.choose_hadamard(lambda fused: call(next(copy), fused), ql.out_features, groups * gw, gw,
+                                   wt.shape[2], pair.a_bits, m, arch, block.shape[0], tune=tune)
+    us = {f: planner.time_us(rotating([lambda w=w, f=f: call(w, f) for w in wts]), iters=1) / len(wts)
+          for f in (True, False)}
+    pack_us = planner.time_us(lambda: hadamard_pack(x, block, pair.a_bits, gw, groups, False, counter))
+    how = "fused into the activation quantizer" if plan["fused"] else "as its own launch"
+    src = "planner's choice (tuned)" if plan.get("tuned") else "planner's default (untuned)"
+    return us[plan["fused"]], tile, (
+        f"Hadamard {how}, the {src}; fused (one Hadamard+quantize+pack launch, {pack_us:.1f} us, then the GEMM) "
+        f"{us[True]:.1f} us, separate (Hadamard {alone_us:.1f} us alone, then packer + GEMM) {us[False]:.1f} us")
 
 
 def main(argv=None):
@@ -248,12 +276,10 @@ def main(argv=None):
                 if k == DOWN_K and m <= 8 and not args.no_hadamard:
                     # rotation (issue 8) adds an online Hadamard on the down_proj input at decode
                     had = hadamards.setdefault(k, OnlineHadamard.of_size(k).cuda())
-                    h_us = planner.time_us(lambda: had(x))
-                    f_us, _, _, f_note = bench_abqc(pair, ql, x, False, hadamard=had.kernel_block(x.device))
-                    add("abqc+hadamard", bits, m, n, k, f_us, flop, wbytes,
-                        f"online Hadamard ({had.kind}) of the input + the planner's linear, the Hadamard fused into "
-                        f"the activation quantizer where the family allows; {f_note}; unfused it costs "
-                        f"Hadamard {h_us:.1f} us + linear {us:.1f} us = {h_us + us:.1f} us", tile)
+                    h_us, h_tile, h_note = bench_hadamard(pair, ql, x, had, args.tune and m <= args.tune_max_m,
+                                                          planner.time_us(lambda: had(x)))
+                    add("abqc+hadamard", bits, m, n, k, h_us, flop, wbytes,
+                        f"online Hadamard ({had.kind}) of the input + the planner's linear; {h_note}", h_tile)
                 for family in args.families:
                     got = bench_abqc(pair, ql, x, False, family)
                     if got:

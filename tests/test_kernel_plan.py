@@ -233,3 +233,36 @@ def test_pdl_instructions_only_where_they_belong(tmp_path):
             d.mkdir()
             s = nvrtc.sass(nvrtc.compile_cubin(cfg, use_cache=False), d)
             assert (op in s) == (arch == "sm_90a"), (cfg.name, arch, op)
+
+
+def test_online_hadamard_choice_default_and_from_plans_json(cache):
+    """A rotated model's down_proj (online Hadamard input) lists how the Hadamard runs: the default (its own
+    launch) until plans.json holds a tuned choice for that shape, M bucket and block; other linears: None."""
+    from abqc.runtime.hadamard import OnlineHadamard
+    q = abqc.compile(tiny_model("llama"), bits="w4a8", passes=("rotate", "rtn", "lower"), progress=False)
+    plan = q.kernel_plan(arch="sm_90a", m=(1, 128))
+    downs = [e for e in plan if e["role"] == "down"]
+    assert len(downs) == 4
+    for e in downs:      # decode: the GEMV family packs x, so the Hadamard could fuse; prefill: INT8 quantizes x
+        assert e["hadamard"] == ("separate (default (untuned))" if e["m"] == 1 else
+                                 "separate (the family quantizes in-kernel)"), e
+        assert e["runtime_tile"][0] == ("gemv" if e["m"] == 1 else "int8")
+    assert all(e["hadamard"] is None and e["hadamard_us"] is None for e in plan if e["role"] != "down")
+    ql = q.model.get_submodule(downs[0]["path"])
+    assert isinstance(ql.pre, OnlineHadamard)
+    gw, groups = ql.group_words_and_count()
+    block = ql.pre.block.shape[0]
+    args = (ql.out_features, gw * groups, gw, ql.pair.w_planes, ql.pair.a_bits, 1, "sm_90a", block)
+    assert planner.hadamard_fused(*args) is planner.HADAMARD_FUSED_DEFAULT is False
+    assert planner.choose_hadamard(None, *args, tune=False)["tuned"] is False
+    (cache / "plans.json").write_text(json.dumps({planner.hadamard_key(*args): {
+        "fused": True, "us_fused": 4.5, "us_separate": 6.25, "tuned": True, "device": "GPU-X"}}))
+    planner._PLANS.clear()
+    assert planner.hadamard_fused(*args) is True
+    assert planner.hadamard_fused(*args[:-1], block + 1) is False          # another block size: no plan
+    got = {(e["path"], e["m"]): e for e in q.kernel_plan(arch="sm_90a", m=(1, 128))}
+    d1, d128 = got[(downs[0]["path"], 1)], got[(downs[0]["path"], 128)]
+    assert d1["hadamard"] == "fused" and d1["hadamard_us"] == {"fused": 4.5, "separate": 6.25}
+    assert d128["hadamard"] == "separate (the family quantizes in-kernel)"
+    page = render(json.loads(q.write_report(cache / "out").read_text())).split("<h2>Kernel configs chosen</h2>")[1]
+    assert "online Hadamard" in page and "fused (fused 4.50 / separate 6.25 µs)" in page

@@ -271,12 +271,24 @@ def test_hadamard_pack_equals_hadamard_then_quant_pack(n, group, rows):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")
-def test_fused_hadamard_linear_in_a_cuda_graph():
-    """A QuantLinear with an online Hadamard on CUDA fuses it into the activation quantizer for the bit-plane
-    families: equal to transforming first (unfused) exactly, eagerly and replayed from a CUDA graph with
-    new inputs; the gemvq and INT8 families transform in a launch of their own and agree too."""
+@pytest.mark.parametrize("fused_plan", [True, False])
+def test_fused_hadamard_linear_in_a_cuda_graph(fused_plan, monkeypatch):
+    """A QuantLinear with an online Hadamard on CUDA runs it the planner's way for the bit-plane families:
+    fused into the activation quantizer (one launch) or as a launch of its own; either equals transforming
+    first exactly, eagerly and replayed from a CUDA graph with new inputs; the gemvq and INT8 families
+    transform in a launch of their own and agree too."""
     from abqc import quant
     from abqc.bits import parse_pair
+    from abqc.codegen import planner
+    from abqc.runtime import cuda
+    monkeypatch.setattr(planner, "HADAMARD_FUSED_DEFAULT", fused_plan)   # the untuned choice, no plans.json
+    calls = {"fused": 0}
+    real_pack = H.hadamard_pack
+
+    def counting_pack(*args, **kwargs):
+        calls["fused"] += 1
+        return real_pack(*args, **kwargs)
+    monkeypatch.setattr(H, "hadamard_pack", counting_pack)
     torch.manual_seed(3)
     pair = parse_pair("w2a8")
     n = 1536
@@ -288,7 +300,12 @@ def test_fused_hadamard_linear_in_a_cuda_graph():
                     (40, ("int8", 0, 0))]:
         ql.tile = tile
         x = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        before = calls["fused"]
         fused = ql(x)
+        gw, groups = ql.group_words_and_count()
+        launched = tile or cuda.launch_tile(m, ql.pair.w_planes, 8, 200, gw * groups, gw, cuda.arch_of(x.device))
+        takes_fused = fused_plan and launched[0] in ("gemv", "bmma")
+        assert calls["fused"] - before == int(takes_fused), (m, tile, fused_plan)
         unfused = ql._cuda_linear(ql.pre(x))
         assert torch.equal(fused, unfused), (m, tile)
     ql.tile = None

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..capture import ROLE_OF
 from ..errors import AbqcError
+from ..runtime.hadamard import OnlineHadamard
 from ..runtime.modules import QuantLinear
 from . import planner
 from .config import ARCHS
@@ -83,8 +84,41 @@ def _runner(ql: QuantLinear, m: int):
                                          ql.pair.a_bits, gw, groups, ql.in_features, ql.act_symmetric, tile=tile)
 
 
+def _hadamard_runner(ql: QuantLinear, m: int, tile: tuple):
+    """run(fused) for planner.choose_hadamard: ql's online Hadamard + linear on m float16 tokens."""
+    from ..runtime import cuda
+    from ..runtime.hadamard import fresh_counters, hadamard_cuda
+    dev = ql.device
+    x = torch.randn(m, ql.in_features, device=dev, dtype=torch.float16,
+                    generator=torch.Generator(device=dev).manual_seed(0))
+    gw, groups = ql.group_words_and_count()
+    wt, block, counter = ql.tiled_weights(), ql.pre.kernel_block(dev), fresh_counters(m, dev)
+    args = (ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features, ql.pair.a_bits, gw, groups, ql.in_features,
+            ql.act_symmetric, tile)
+    return lambda fused: (cuda.bmma_linear(x, wt, *args, hadamard_block=block, counter=counter) if fused
+                          else cuda.bmma_linear(hadamard_cuda(x, block), wt, *args))
+
+
+def _hadamard_choice(ql: QuantLinear, m: int, arch: str, tune: bool, tile: tuple) -> dict:
+    """How ql's online Hadamard runs at m tokens with the launched tile: fused into the activation
+    quantizer or as its own launch (planner.choose_hadamard); None where ql has no online Hadamard."""
+    if not isinstance(ql.pre, OnlineHadamard):
+        return {"hadamard": None, "hadamard_us": None}
+    if tile[0] not in ("gemv", "bmma"):          # the gemvq and INT8 families quantize x themselves
+        return {"hadamard": "separate (the family quantizes in-kernel)", "hadamard_us": None}
+    gw, groups = ql.group_words_and_count()
+    run = _hadamard_runner(ql, m, tile) if tune else None
+    plan = planner.choose_hadamard(run, ql.out_features, gw * groups, gw, ql.pair.w_planes, ql.pair.a_bits, m, arch,
+                                   ql.pre.block.shape[0], tune=tune)
+    how = "fused" if plan["fused"] else "separate"
+    if not plan.get("tuned"):
+        return {"hadamard": f"{how} ({UNTUNED})", "hadamard_us": None}
+    return {"hadamard": how, "hadamard_us": {"fused": plan.get("us_fused"), "separate": plan.get("us_separate")}}
+
+
 def _choice(ql: QuantLinear, m: int, arch: str, tune: bool) -> dict:
-    """family / tile / us / source of one bit-plane linear at m tokens, and the tile its runtime launches."""
+    """family / tile / us / source of one bit-plane linear at m tokens, the tile its runtime launches, and
+    how an online Hadamard on its input runs."""
     from ..runtime.cuda import launch_tile
     gw, groups = ql.group_words_and_count()
     p, q, n = ql.pair.w_planes, ql.pair.a_bits, ql.out_features
@@ -96,7 +130,7 @@ def _choice(ql: QuantLinear, m: int, arch: str, tune: bool) -> dict:
     return {"family": plan["tile"][0], "tile": list(plan["tile"]),
             "us": us if tuned and isinstance(us, (int, float)) and us > 0 else None,
             "source": TUNED if tuned else UNTUNED, "device": plan.get("device") if tuned else None,
-            "runtime_tile": list(launched)}
+            "runtime_tile": list(launched), **_hadamard_choice(ql, m, arch, tune, tuple(launched))}
 
 
 def _check_m(ms) -> tuple[int, ...]:
@@ -108,10 +142,12 @@ def _check_m(ms) -> tuple[int, ...]:
 
 def kernel_plan(model: nn.Module, arch: str | None = None, m=DEFAULT_M, tune: bool = False) -> list[dict]:
     """Per quantized linear and token count M: {path, layer, role, n, k, bits, group_size (None: per
-    channel), m, m_bucket, arch, family, tile, us, source, device, runtime_tile}.
+    channel), m, m_bucket, arch, family, tile, us, source, device, runtime_tile, hadamard, hadamard_us}.
 
     runtime_tile is the tile QuantLinear launches for that M: its fixed .tile, else the tuned plan, else
-    default_tile (runtime.cuda.launch_tile)."""
+    default_tile (runtime.cuda.launch_tile). hadamard: how an online Hadamard on the input runs with that
+    tile ("fused" into the activation quantizer or "separate", "(default (untuned))" appended when not
+    tuned; None without one); hadamard_us: both ways' measured µs when tuned."""
     ms = _check_m(m)
     linears = quantized_linears(model)
     arch = resolve_arch(linears, arch)
@@ -126,7 +162,7 @@ def kernel_plan(model: nn.Module, arch: str | None = None, m=DEFAULT_M, tune: bo
             row = {**base, "m": mm, "m_bucket": planner.m_bucket(mm), "arch": arch}
             if ql.pair.weight_only:
                 row.update(family=WEIGHT_ONLY, tile=None, us=None, source="weight-only", device=None,
-                           runtime_tile=None)
+                           runtime_tile=None, hadamard=None, hadamard_us=None)
             else:
                 row.update(_choice(ql, mm, arch, tune))
             out.append(row)

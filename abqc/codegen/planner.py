@@ -15,6 +15,11 @@ one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation
 "device" (the GPU that measured it) and "candidates" (how many tiles were timed) in plans tuned since
 those two were added; readers use .get for them, so older caches stay valid. An entry without a usable
 tile is ignored (re-tuned or defaulted). abqc.codegen.plan_report lists a model's choices.
+
+A linear whose input first goes through an online Hadamard (the rotate pass's down_proj) has a second
+choice, stored under hadamard_key(...): run the Hadamard inside the activation quantizer (one launch,
+runtime.hadamard.hadamard_pack) or as a launch of its own before the linear. {"fused", "us_fused",
+"us_separate", "tuned", "device"}; untuned, HADAMARD_FUSED_DEFAULT holds.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ from .layout import steps_per_group
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
+# Untuned: the Hadamard runs as its own launch. Measured on the H200 (benchmarks/results/kernels.md,
+# K = 11008, M 1..8) the fused one-launch Hadamard+quantizer is slower than the separate Hadamard plus the
+# plain packer: each fused block recomputes a share of the dense factor and the row's last block packs it.
+HADAMARD_FUSED_DEFAULT = False
 INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
@@ -74,6 +83,46 @@ def cached_tile(n, kw, group_words, p, q, m, arch) -> tuple | None:
     """The tuned tile plans.json holds for this launch, or None (never tunes, never touches a GPU)."""
     plan = _load().get(plan_key(n, kw, group_words, p, q, m, arch))
     return tuple(plan["tile"]) if _usable(plan) else None
+
+
+def hadamard_key(n, kw, group_words, p, q, m, arch, block: int) -> str:
+    return plan_key(n, kw, group_words, p, q, m, arch) + f"|h{block}"
+
+
+def hadamard_fused(n, kw, group_words, p, q, m, arch, block: int) -> bool:
+    """Whether a linear behind an online Hadamard (dense factor of size `block`) fuses it into the
+    activation quantizer: the tuned choice in plans.json, else HADAMARD_FUSED_DEFAULT. Never tunes."""
+    plan = _load().get(hadamard_key(n, kw, group_words, p, q, m, arch, block))
+    fused = plan.get("fused") if isinstance(plan, dict) else None
+    return fused if isinstance(fused, bool) else HADAMARD_FUSED_DEFAULT
+
+
+def choose_hadamard(run, n, kw, group_words, p, q, m, arch, block: int, tune: bool = True) -> dict:
+    """run(fused: bool) launches the linear with its Hadamard fused or separate. Returns the plan
+    {"fused", "us_fused", "us_separate", "tuned"}: cached, timed now (tune) and stored, or the default."""
+    key = hadamard_key(n, kw, group_words, p, q, m, arch, block)
+    plans = _load()
+    if isinstance(plans.get(key), dict) and isinstance(plans[key].get("fused"), bool):
+        return plans[key]
+    if not tune:
+        return {"fused": HADAMARD_FUSED_DEFAULT, "us_fused": None, "us_separate": None, "tuned": False}
+    us = {fused: time_us(lambda: run(fused)) for fused in (True, False)}
+    plan = {"fused": us[True] < us[False], "us_fused": round(us[True], 3), "us_separate": round(us[False], 3),
+            "tuned": True, "device": torch.cuda.get_device_name()}
+    _store(key, plan)
+    return plan
+
+
+def _store(key: str, plan: dict) -> None:
+    plans = _load()
+    with _LOCK:
+        plans[key] = plan
+        _GENERATION[0] += 1
+        try:
+            _path().parent.mkdir(parents=True, exist_ok=True)
+            _path().write_text(json.dumps(plans, indent=1))
+        except OSError:
+            pass
 
 
 def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
@@ -136,12 +185,5 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
                         "tuning (runtime.cuda.default_tile) and report this shape")
     plan = {"family": best[0][0], "tile": list(best[0]), "us": round(best[1], 3), "tuned": True,
             "device": torch.cuda.get_device_name(), "candidates": timed}
-    with _LOCK:
-        plans[key] = plan
-        _GENERATION[0] += 1
-        try:
-            _path().parent.mkdir(parents=True, exist_ok=True)
-            _path().write_text(json.dumps(plans, indent=1))
-        except OSError:
-            pass
+    _store(key, plan)
     return plan

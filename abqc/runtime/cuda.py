@@ -488,22 +488,29 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
                     hadamard_block: torch.Tensor | None = None):
     """A callable x -> y equal to bmma_linear(x, ...) for inputs of x's shape, dtype and device: a prepared
     GemvqLauncher where the tile is "gemvq", else bmma_linear with the tile resolved once. hadamard_block:
-    the input first goes through that online Hadamard (per-call-site row counters for the fused kernel)."""
-    tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
-                               arch_of(x.device))
+    the input first goes through that online Hadamard, fused into the activation quantizer (per-call-site
+    row counters) where the planner chose so (planner.hadamard_fused), else as a launch of its own."""
+    arch = arch_of(x.device)
+    tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words, arch)
     if tile[0] == "gemvq" and groups == 1:
         run = GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                             act_symmetric, tile)
-        if hadamard_block is None:
-            return run
-        from .hadamard import hadamard_cuda
-        return lambda x2: run(hadamard_cuda(x2, hadamard_block))
-    counter = None
-    if hadamard_block is not None:
-        from .hadamard import fresh_counters
-        counter = fresh_counters(x.shape[0], x.device)
-    return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
-                                  in_features, act_symmetric, tile, hadamard_block, counter)
+    else:
+        fused = hadamard_block is not None and tile[0] in ("gemv", "bmma") and planner.hadamard_fused(
+            n, groups * group_words, group_words, w_tiled.shape[2], a_bits, x.shape[0], arch, hadamard_block.shape[0])
+        if fused:
+            from .hadamard import fresh_counters
+            counter = fresh_counters(x.shape[0], x.device)
+            return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
+                                          in_features, act_symmetric, tile, hadamard_block, counter)
+
+        def run(x2):
+            return bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
+                               in_features, act_symmetric, tile)
+    if hadamard_block is None:
+        return run
+    from .hadamard import hadamard_cuda
+    return lambda x2: run(hadamard_cuda(x2, hadamard_block))
 
 
 def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
