@@ -8,7 +8,7 @@ A directory holding
   tokenizer files    optional, as `tokenizer.save_pretrained` writes them (JSON and text only).
 
 plan.json is canonical JSON (sorted keys, indent 1, ASCII, one trailing newline) with the keys
-  format             "abqc-artifact" (the marker)          format_version  1
+  format             "abqc-artifact" (the marker)          format_version  2
   abqc_version       the abqc that wrote it
   config             the model config (config.to_dict()); the model is rebuilt from it alone
   generation_config  the model's generation config (dict)
@@ -50,7 +50,8 @@ from .runtime.fuse import refuse_fused
 from .runtime.hadamard import HadamardLinear
 from .runtime.modules import FakeQuantLinear, QuantLinear
 
-FORMAT, FORMAT_VERSION = "abqc-artifact", 1
+# 2: weight zero points in fixed point (abqc.quant.zero_fixed), bit strings may end in "f"
+FORMAT, FORMAT_VERSION = "abqc-artifact", 2
 PLAN, WEIGHTS = "plan.json", "model.safetensors"
 # the only classes a plan may name: never resolve a class from a string an artifact supplies
 MODULE_CLASSES = {"QuantLinear": QuantLinear, "FakeQuantLinear": FakeQuantLinear, "HadamardLinear": HadamardLinear}

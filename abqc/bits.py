@@ -1,10 +1,12 @@
 """Bit specifications: "w4a8", "w2*a8" (bit-balanced INT2), "w4a16g128" and per-layer/role overrides.
 
 Grammar (case-insensitive, spaces ignored):
-    pair     := "w" WBITS ["*"] "a" ABITS ["g" GROUP]
+    pair     := "w" WBITS ["*"] "a" ABITS ["g" GROUP] ["f"]
     WBITS    := 1..8 (16 = keep FP)
     ABITS    := 1..8 or 16 (16 = activations stay floating point, i.e. weight-only)
     GROUP    := weight group size along K, a multiple of 32 (default: per output channel)
+    "f"      := fractional zero point: each weight group's exact [min, max] range with a zero point kept to
+                2^-8 instead of an integer (a scale plus a float offset, GGUF-Q4_1 style); asymmetric weights
     spec     := pair ("," selector "=" pair)*
     selector := ROLE | LAYERS | LAYERS "." ROLE
     ROLE     := q | k | v | o | gate | up | down
@@ -23,10 +25,11 @@ from .errors import BitSpecError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 # ASCII digits only, and few of them: int() of a huge or non-ASCII digit string must never be reached
-_PAIR = re.compile(r"^w(\d{1,6})(\*?)a(\d{1,6})(?:g(\d{1,9}))?$", re.ASCII)
+_PAIR = re.compile(r"^w(\d{1,6})(\*?)a(\d{1,6})(?:g(\d{1,9}))?(f?)$", re.ASCII)
 _SELECTOR = re.compile(r"^(?:(\d{1,9})(?:-(\d{1,9}))?)?(?:\.?(q|k|v|o|gate|up|down))?$", re.ASCII)
 _ACCEPTED = ('accepted: "w<1-8>a<1-8|16>" with optional "*" after the weight bits for the 2-bit '
-             'balanced grid and "g<group>" for per-group weights, e.g. "w4a8", "w2*a8", "w4a16g128", '
+             'balanced grid, "g<group>" for per-group weights and a final "f" for fractional weight zero '
+             'points, e.g. "w4a8", "w2*a8", "w4a16g128", "w4a8g32f", '
              'plus overrides like "w2a8,down=w4a8,0-2=w8a8,29.o=w4a8"')
 
 
@@ -38,6 +41,7 @@ class BitPair:
     a_bits: int
     balanced: bool = False       # INT2 grid {-2,-1,0,1,2}, stored as 3 planes
     group_size: int | None = None  # None: per output channel
+    frac_zero: bool = False      # weight zero points in steps of 2^-8 over the exact [min, max] (quant.py)
 
     @property
     def weight_only(self) -> bool:
@@ -54,7 +58,7 @@ class BitPair:
 
     def __str__(self) -> str:
         s = f"w{self.w_bits}{'*' if self.balanced else ''}a{self.a_bits}"
-        return s + (f"g{self.group_size}" if self.group_size else "")
+        return s + (f"g{self.group_size}" if self.group_size else "") + ("f" if self.frac_zero else "")
 
 
 def parse_pair(text: str) -> BitPair:
@@ -62,8 +66,8 @@ def parse_pair(text: str) -> BitPair:
     m = _PAIR.match(t)
     if not m:
         raise BitSpecError(f"unknown bit string {text!r}; {_ACCEPTED}")
-    w, star, a, g = int(m[1]), bool(m[2]), int(m[3]), m[4]
-    if w == 16 and a == 16 and not star and g is None:
+    w, star, a, g, frac = int(m[1]), bool(m[2]), int(m[3]), m[4], bool(m[5])
+    if w == 16 and a == 16 and not star and g is None and not frac:
         return BitPair(16, 16)
     if not 1 <= w <= 8:
         raise BitSpecError(f"weight bits {w} in {text!r} are outside 1..8 (use w16a16 to keep a layer FP); {_ACCEPTED}")
@@ -71,13 +75,16 @@ def parse_pair(text: str) -> BitPair:
         raise BitSpecError(f"activation bits {a} in {text!r} must be 1..8 or 16 (weight-only); {_ACCEPTED}")
     if star and w != 2:
         raise BitSpecError(f"bit balance '*' in {text!r} exists only for 2-bit weights (w2*); drop the '*'")
+    if star and frac:
+        raise BitSpecError(f"{text!r} asks for bit balance '*' (a symmetric grid, zero point 2) and a fractional "
+                           "zero point 'f' (asymmetric grids only): drop one of them")
     group = None
     if g is not None:
         group = int(g)
         if group <= 0 or group % 32:
             raise BitSpecError(f"group size {group} in {text!r} must be a positive multiple of 32 "
                                "(bit-planes pack 32 weights per word)")
-    return BitPair(w, a, star, group)
+    return BitPair(w, a, star, group, frac)
 
 
 @dataclass(frozen=True)

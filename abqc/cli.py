@@ -233,8 +233,7 @@ def cmd_bench(args) -> int:
     layers = []
     for b in args.bits:
         pair = parse_pair(b)
-        qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced,
-                                   balanced=pair.balanced)
+        qw = quant.quantize_weight(lin.weight, **quant.weight_grid_of(pair))
         layers.append(QuantLinear.from_linear(lin, pair, qw).cuda())
     w16 = lin.weight.detach().half().cuda()
     with torch.no_grad():

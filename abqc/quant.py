@@ -1,11 +1,18 @@
 """Quantizer math: the one place that maps floats to integer codes and codes to bit-planes.
 
 Convention used everywhere (CPU reference, GPU kernels, export):
-    value = scale * (u - zero),   u an unsigned integer code in [0, 2^planes - 1], zero an integer.
+    value = scale * (u - zero),   u an unsigned integer code in [0, 2^planes - 1].
 Asymmetric quantizers put the range [min(x, 0), max(x, 0)] on the grid, so zero is always a code in
 [0, qmax]: integer corrections stay small and exact. Symmetric b-bit quantizers use zero = 2^(b-1)
 and the grid [-2^(b-1), 2^(b-1)-1]; the bit-balanced 2-bit grid is symmetric {-2,-1,0,1,2}
-(zero = 2, five codes, three planes).
+(zero = 2, five codes, three planes). The fractional-zero weight grid (bit strings ending in "f") maps
+the range [min(w), max(w)] itself, without widening it to 0, and keeps zero = -min / scale rounded to a
+multiple of 2^-ZERO_FRAC_BITS (a scale plus a float offset per group, as GGUF's Q4_1 stores weights).
+
+Weight zero points live in the runtime buffers (QuantLinear.w_zero) and kernels in fixed point,
+zero * 2^ZERO_FRAC_BITS as int32 (zero_fixed), so the zero-point correction stays exact integer
+arithmetic and scales by 2^-ZERO_FRAC_BITS once; for integer zeros every result is bit for bit what an
+integer zero point gives. Activation zero points are integers.
 
 Bit-planes: codes [R, K] are packed into int32 words [planes, R, ceil(K/pad)*pad/32]. Plane i holds
 bit i of every code (plane 0 = least significant); element k lives in word k // 32 at bit k % 32
@@ -19,6 +26,21 @@ from dataclasses import dataclass
 import torch
 
 CLIP_MIN = 1e-8  # smallest scale: an all-zero group would otherwise divide by zero
+ZERO_FRAC_BITS = 8   # fraction bits of a weight zero point in fixed point (codegen/templates/common.cuh mirrors it)
+# fractional-zero grid: |zero| <= 2^15 (a scale at least max|w| / 2^15), so zero * 2^8 is an integer
+# below 2^23, exact in float32 as well as int32, and a constant group still reconstructs (its one code
+# sits 2^15 steps from the offset)
+FRAC_ZERO_RANGE = 2 ** 15
+
+
+def zero_fixed(zero: torch.Tensor) -> torch.Tensor:
+    """Weight zero points (float, multiples of 2^-ZERO_FRAC_BITS) -> the runtime's int32 fixed point."""
+    return torch.round(zero.double() * 2 ** ZERO_FRAC_BITS).to(torch.int32)
+
+
+def zero_of_fixed(w_zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of zero_fixed, as float64 (exact)."""
+    return w_zero.double() / 2 ** ZERO_FRAC_BITS
 
 
 def grid(bits: int, symmetric: bool = False, balanced: bool = False) -> tuple[int, int, int]:
@@ -36,15 +58,29 @@ def grid(bits: int, symmetric: bool = False, balanced: bool = False) -> tuple[in
     return bits, 2 ** bits - 1, -1
 
 
+def weight_grid_of(pair, weight_symmetric: bool = False) -> dict:
+    """quantize_weight / fake_quant_weight_ste keyword arguments for a BitPair's weight grid."""
+    if pair.frac_zero and weight_symmetric:
+        raise ValueError(f"{pair} asks for fractional weight zero points, an asymmetric grid, but the weights are "
+                         "to be quantized symmetrically (weight_symmetric=True): drop one of the two")
+    return {"bits": pair.w_bits, "group_size": pair.group_size, "symmetric": weight_symmetric or pair.balanced,
+            "balanced": pair.balanced, "frac_zero": pair.frac_zero}
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
 
 
 def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, balanced: bool,
-                round_fn=torch.round):
+                round_fn=torch.round, frac_zero: bool = False):
     planes, qmax, fixed_zero = grid(bits, symmetric, balanced)
-    if fixed_zero >= 0:
+    if frac_zero and fixed_zero < 0:
+        floor = torch.maximum(xmax.abs(), xmin.abs()).detach() / FRAC_ZERO_RANGE
+        scale = torch.maximum((xmax - xmin) / qmax, floor).clamp(min=CLIP_MIN)
+        step = 2 ** ZERO_FRAC_BITS
+        zero = round_fn(-xmin / scale * step) / step
+    elif fixed_zero >= 0:
         # symmetric: the negative half of the grid has fixed_zero levels below zero
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         pos_levels = qmax - fixed_zero if balanced else fixed_zero - 1
@@ -59,8 +95,11 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bo
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
                    round_fn=torch.round) -> torch.Tensor:
-    """Integer codes u = clamp(round(x / scale) + zero, 0, qmax), as float (exact integers)."""
-    return (round_fn(x / scale) + zero).clamp(0, qmax)
+    """Integer codes u = clamp(round(x / scale + zero), 0, qmax), as float (exact integers). The zero's
+    integer part is added after rounding, so for integer zeros this is round(x / scale) + zero exactly
+    (the GPU packers' arithmetic); a fractional zero's fraction (exact in float32) goes in before."""
+    whole = torch.floor(zero).detach()
+    return (round_fn(x / scale + (zero - whole)) + whole).clamp(0, qmax)
 
 
 @dataclass
@@ -69,7 +108,7 @@ class QuantizedWeight:
 
     codes: torch.Tensor   # [N, K] int16 codes in [0, 2^planes - 1]
     scale: torch.Tensor   # [N, G] float32
-    zero: torch.Tensor    # [N, G] int32
+    zero: torch.Tensor    # [N, G] float32: integers, or multiples of 2^-ZERO_FRAC_BITS (fractional grid)
     planes: int
     group_size: int       # K for per-channel
 
@@ -101,7 +140,7 @@ def _group_range(wg: torch.Tensor, k: int):
 
 
 def _weight_grid(w: torch.Tensor, bits: int, group_size, symmetric: bool, balanced: bool, clip_max, clip_min,
-                 round_fn):
+                 round_fn, frac_zero: bool = False):
     """Shared by quantize_weight and the trainable path: (codes [N,G,g] float, scale [N,G], zero [N,G], g)."""
     if w.dim() != 2:
         raise ValueError(f"weights must be 2-D [out, in], got shape {tuple(w.shape)}")
@@ -113,39 +152,41 @@ def _weight_grid(w: torch.Tensor, bits: int, group_size, symmetric: bool, balanc
         xmax = xmax * clip_max
     if clip_min is not None:
         xmin = xmin * clip_min
-    scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced, round_fn)
+    scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced, round_fn, frac_zero)
     codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), qmax, round_fn)
     return codes, scale, zero, g
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                     balanced: bool = False, clip_max: torch.Tensor | None = None,
-                    clip_min: torch.Tensor | None = None) -> QuantizedWeight:
+                    clip_min: torch.Tensor | None = None, frac_zero: bool = False) -> QuantizedWeight:
     """Round-to-nearest weight quantization per output channel (group_size None) or per group along K.
 
     clip_max / clip_min ([N, G] or broadcastable factors in (0, 1]) shrink the range, as learned clipping does.
+    frac_zero: the fractional-zero grid (asymmetric weights only; see the module docstring).
     """
     with torch.no_grad():
         codes, scale, zero, g = _weight_grid(w.detach(), bits, group_size, symmetric, balanced,
-                                             clip_max, clip_min, torch.round)
+                                             clip_max, clip_min, torch.round, frac_zero)
     n, k = w.shape
     planes = grid(bits, symmetric, balanced)[0]
-    return QuantizedWeight(codes.reshape(n, -1)[:, :k].to(torch.int16), scale, zero.to(torch.int32), planes, g)
+    return QuantizedWeight(codes.reshape(n, -1)[:, :k].to(torch.int16), scale, zero.float(), planes, g)
 
 
 def fake_quant_weight_ste(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                           balanced: bool = False, clip_max: torch.Tensor | None = None,
-                          clip_min: torch.Tensor | None = None) -> torch.Tensor:
+                          clip_min: torch.Tensor | None = None, frac_zero: bool = False) -> torch.Tensor:
     """Differentiable quantize-dequantize (straight-through rounding) with the exact arithmetic of
     quantize_weight(...).dequantize(): what clipping and smoothing are trained through."""
-    codes, scale, zero, g = _weight_grid(w, bits, group_size, symmetric, balanced, clip_max, clip_min, round_ste)
+    codes, scale, zero, g = _weight_grid(w, bits, group_size, symmetric, balanced, clip_max, clip_min, round_ste,
+                                         frac_zero)
     n, k = w.shape
     return ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, -1)[:, :k]
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
-                      balanced: bool = False) -> torch.Tensor:
-    return quantize_weight(w, bits, group_size, symmetric, balanced).dequantize().to(w.dtype)
+                      balanced: bool = False, frac_zero: bool = False) -> torch.Tensor:
+    return quantize_weight(w, bits, group_size, symmetric, balanced, frac_zero=frac_zero).dequantize().to(w.dtype)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, round_fn=torch.round):

@@ -106,8 +106,7 @@ def bench_int4_weight_only(x, n, k):
 def abqc_layer(bits, n, k):
     pair = parse_pair(bits)
     lin = torch.nn.Linear(k, n, bias=False)
-    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced,
-                               balanced=pair.balanced)
+    qw = quant.quantize_weight(lin.weight, **quant.weight_grid_of(pair))
     return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
 
 

@@ -61,7 +61,8 @@ def copy_of(saved, tmp_path):
 
 # ---------------------------------------------------------------- round trips
 
-@pytest.mark.parametrize("kind,bits", [("llama", "w4a8,down=w2*a8"), ("qwen2", "w3a4g32,down=w4a16,1.o=w16a16")])
+@pytest.mark.parametrize("kind,bits", [("llama", "w4a8,down=w2*a8"), ("qwen2", "w3a4g32,down=w4a16,1.o=w16a16"),
+                                       ("llama", "w4a8g32f,down=w3a16f")])
 def test_round_trip_is_exact(kind, bits, tmp_path):
     q = abqc.compile(tiny_model(kind), bits=bits, passes=RTN, progress=False)
     q.save(tmp_path / "a")
@@ -82,7 +83,7 @@ def test_round_trip_is_exact(kind, bits, tmp_path):
 def test_plan_describes_every_quantized_linear(saved):
     q, d = saved
     plan = json.loads((d / "plan.json").read_text())
-    assert plan["format"] == "abqc-artifact" and plan["format_version"] == 1
+    assert plan["format"] == "abqc-artifact" and plan["format_version"] == 2
     assert plan["abqc_version"] == abqc.__version__ and plan["config"]["model_type"] == "llama"
     assert len(plan["linears"]) == 14
     down = next(e for e in plan["linears"] if e["path"] == "model.layers.1.mlp.down_proj")
@@ -261,8 +262,8 @@ BAD = {
                                "does not match its own sha256"),
     "plan reformatted": (lambda d: edit_plan_text(d, '{\n "abqc_version"', '{ "abqc_version"'), "canonical form"),
     "no format marker": (lambda d: rewrite(d, lambda p: p.update(format="other")), "format marker"),
-    "unknown format version": (lambda d: rewrite(d, lambda p: p.update(format_version=2)),
-                               "unknown format version 2"),
+    "unknown format version": (lambda d: rewrite(d, lambda p: p.update(format_version=1)),
+                               "unknown format version 1"),
     "tensor missing": (lambda d: rewrite(d, lambda p: p["tensors"].pop("model.norm.weight"),
                                          lambda t: t.pop("model.norm.weight")), "missing .'model.norm.weight'"),
     "extra tensor": (lambda d: rewrite(d, lambda p: p["tensors"].update(extra={"shape": [2], "dtype": "float32"}),

@@ -13,6 +13,8 @@ from abqc.errors import BitSpecError
     ("w4a16g128", BitPair(4, 16, group_size=128)),
     ("w1a1", BitPair(1, 1)),
     ("w16a16", BitPair(16, 16)),
+    ("w4a8g32f", BitPair(4, 8, group_size=32, frac_zero=True)),
+    ("w3a16F", BitPair(3, 16, frac_zero=True)),
 ])
 def test_parse_pair(text, expected):
     assert parse_pair(text) == expected
@@ -21,7 +23,7 @@ def test_parse_pair(text, expected):
 def test_pair_properties():
     assert parse_pair("w4a16").weight_only and not parse_pair("w4a8").weight_only
     assert parse_pair("w2*a8").w_planes == 3 and parse_pair("w2a8").w_planes == 2
-    assert str(parse_pair("w2*a8g64")) == "w2*a8g64"
+    assert str(parse_pair("w2*a8g64")) == "w2*a8g64" and str(parse_pair("w4a8g32f")) == "w4a8g32f"
     assert parse_pair("w16a16").is_fp
 
 
@@ -32,6 +34,8 @@ def test_pair_properties():
     ("w4a0", "1..8 or 16"),
     ("w4*a8", "only for 2-bit"),
     ("w4a8g48", "multiple of 32"),
+    ("w2*a8f", "drop one of them"),
+    ("w4a8fg32", "unknown bit string"),
     ("int4", "unknown bit string"),
     ("w4", "unknown bit string"),
     ("", "empty bit string"),

@@ -106,13 +106,16 @@ def test_gemv_quantizing_in_kernel_exact_all_pairs(p, q):
                 assert torch.equal(y, ref), (m, n, k, dtype, sym, tile)
 
 
-@pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32"])
+@pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32",
+                                  "w4a8g32f", "w3a8f", "w8a4g64f"])
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
 def test_fused_linear_matches_reference(bits, m):
+    """Every family's output (bmma, gemv; per channel also INT8 and gemvq) equals the CPU reference to float32
+    rounding, fractional weight zero points ("f") included."""
     torch.manual_seed(m)
     pair = parse_pair(bits)
     lin = torch.nn.Linear(300, 70, bias=True)
-    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced, balanced=pair.balanced)
+    qw = quant.quantize_weight(lin.weight, **quant.weight_grid_of(pair))
     ql = QuantLinear.from_linear(lin, pair, qw)
     x = torch.randn(m, 300)
     ref = ql(x)                                     # CPU reference (float64 epilogue)

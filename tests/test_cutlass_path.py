@@ -236,7 +236,7 @@ def test_gpu_stacked_c_and_accumulators_exact(p, q):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w1a2g128", "w4a8g32"])
+@pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w1a2g128", "w4a8g32", "w4a8g32f"])
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_gpu_linear_matches_reference(bits, m):
     from abqc.bits import parse_pair
@@ -244,8 +244,7 @@ def test_gpu_linear_matches_reference(bits, m):
     torch.manual_seed(m)
     pair = parse_pair(bits)
     lin = torch.nn.Linear(300, 71, bias=True)
-    qw = quant.quantize_weight(lin.weight, pair.w_bits, pair.group_size, symmetric=pair.balanced,
-                               balanced=pair.balanced)
+    qw = quant.quantize_weight(lin.weight, **quant.weight_grid_of(pair))
     ql = QuantLinear.from_linear(lin, pair, qw)
     p = ql.w_planes.shape[0]
     gw, groups = ql.group_words_and_count()

@@ -89,6 +89,9 @@ def test_unexpressible_and_wrong_inputs_are_clear_errors(tmp_path):
     fake = abqc.compile(tiny_model("llama"), bits="w4a8", passes=["rtn", "lower_fake"], progress=False)
     with pytest.raises(abqc.AbqcError, match="fake-quant"):
         xonnx.export_onnx(fake, tmp_path / "x.onnx")
+    frac = abqc.compile(tiny_model("llama"), bits="w4a8g32f", passes=["rtn", "lower"], progress=False)
+    with pytest.raises(abqc.AbqcError, match="fractional weight zero points"):
+        xonnx.export_onnx(frac, tmp_path / "x.onnx")
     q = _compile("llama", "w4a8")
     with pytest.raises(abqc.AbqcError, match="scope"):
         xonnx.export_onnx(q, tmp_path / "x.onnx", scope="layer")

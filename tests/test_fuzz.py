@@ -75,15 +75,18 @@ def test_pack_refuses_codes_out_of_range(planes, k, over, negative, pos, seed):
 # ---------------------------------------------------------------- W(p)A(q) linear against int64
 
 def _oracle(x, qw, a_bits, act_symmetric, bias):
-    """y = sum_g s_w * s_a * sum_{k in g} (u_a - z_a)(u_w - z_w) + bias, the integer part in int64."""
+    """y = sum_g s_w * s_a * sum_{k in g} (u_a - z_a)(u_w - z_w) + bias, the integer part in int64 (z_w in
+    fixed point, quant.zero_fixed: an exact integer times 2^-ZERO_FRAC_BITS)."""
     n, k = qw.codes.shape
     ua, sa, za = quant.quantize_activation(x, a_bits, act_symmetric)
     gw, _ = ops.group_layout(k, qw.group_size)
     gs = gw * 32
     da = ua.to(torch.int64) - za.to(torch.int64)                  # [M, K]
-    dw = qw.codes.to(torch.int64) - torch.repeat_interleave(qw.zero.to(torch.int64), gs, 1)[:, :k]
+    f = quant.ZERO_FRAC_BITS
+    zw = quant.zero_fixed(qw.zero).to(torch.int64)
+    dw = qw.codes.to(torch.int64) * 2 ** f - torch.repeat_interleave(zw, gs, 1)[:, :k]
     t = torch.stack([da[:, g:g + gs] @ dw[:, g:g + gs].T for g in range(0, k, gs)], -1)   # [M, N, G] int64
-    y = (t.to(torch.float64) * qw.scale.to(torch.float64).unsqueeze(0)).sum(-1) * sa.to(torch.float64)
+    y = (t.to(torch.float64) * qw.scale.to(torch.float64).unsqueeze(0)).sum(-1) * sa.to(torch.float64) / 2 ** f
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype)
@@ -100,23 +103,23 @@ def _activations(kind: str, m: int, k: int, seed: int) -> torch.Tensor:
 @FAST
 @given(p=st.integers(1, 8), q=st.integers(1, 8), m=st.integers(1, 5), n=st.integers(1, 9),
        k=st.integers(0, 80).map(lambda i: 2 * i + 1), group=st.sampled_from([None, 32, 64]),
-       act_symmetric=st.booleans(), weight_symmetric=st.booleans(), with_bias=st.booleans(),
+       act_symmetric=st.booleans(), weight_grid=st.sampled_from(["asym", "sym", "frac"]), with_bias=st.booleans(),
        kind=st.sampled_from(["randn", "zeros", "constant", "huge", "tiny", "outlier", "positive"]),
        impl=st.sampled_from(["codes", "bitplane"]), seed=st.integers(0, 2 ** 16))
-def test_wpaq_linear_matches_int64_oracle(p, q, m, n, k, group, act_symmetric, weight_symmetric, with_bias, kind,
+def test_wpaq_linear_matches_int64_oracle(p, q, m, n, k, group, act_symmetric, weight_grid, with_bias, kind,
                                           impl, seed):
-    assume(not (act_symmetric and q == 1) and not (weight_symmetric and p == 1))   # no symmetric 1-bit grid
+    assume(not (act_symmetric and q == 1) and not (weight_grid == "sym" and p == 1))   # no symmetric 1-bit grid
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
-    qw = quant.quantize_weight(w, p, group, symmetric=weight_symmetric)
+    qw = quant.quantize_weight(w, p, group, symmetric=weight_grid == "sym", frac_zero=weight_grid == "frac")
     gw, kp = ops.group_layout(k, qw.group_size)
     planes = quant.pack_bitplanes(qw.codes, qw.planes, pad_to=gw * 32)
     w_sum = torch.nn.functional.pad(qw.codes.to(torch.int64), (0, kp - k)).view(n, -1, gw * 32).sum(-1)
     x = _activations(kind, m, k, seed)
     with cpu_impl(impl):
-        y = torch.ops.abqc.wpaq_linear(x, planes, qw.scale, qw.zero, w_sum.to(torch.int32), bias, q,
-                                       qw.group_size, k, act_symmetric)
+        y = torch.ops.abqc.wpaq_linear(x, planes, qw.scale, quant.zero_fixed(qw.zero), w_sum.to(torch.int32), bias,
+                                       q, qw.group_size, k, act_symmetric)
     assert torch.equal(y, _oracle(x, qw, q, act_symmetric, bias))
     assert torch.isfinite(y).all()
 

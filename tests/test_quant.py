@@ -92,3 +92,46 @@ def test_pack_rejects_out_of_range():
         quant.pack_bitplanes(torch.tensor([[4]]), 2)
     with pytest.raises(ValueError, match="codes must lie"):
         quant.pack_bitplanes(torch.tensor([[-1]]), 2)
+
+
+def test_fractional_zero_grid_rebuilds_scale_plus_offset_weights():
+    """Weights that are d*q + m per group of 32 (GGUF Q4_1's form, m a float) come back from the "f" grid to
+    the 2^-8 zero step, where the integer zero point leaves a sizeable error; zeros are exact in fixed point."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 48, 256, 32
+    d = torch.rand(n, k // g, 1, generator=gen) * 0.02 + 1e-3
+    m = 0.03 - torch.rand(n, k // g, 1, generator=gen) * 0.1          # some groups entirely positive
+    q = torch.randint(0, 16, (n, k // g, g), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15                                          # each group spans all 16 levels
+    w = (d * q + m).view(n, k)
+    integer = quant.quantize_weight(w, 4, g)
+    frac = quant.quantize_weight(w, 4, g, frac_zero=True)
+    err = lambda qw: float((qw.dequantize() - w).norm() / w.norm())   # noqa: E731
+    assert err(frac) < 3e-4 < 1e-2 < err(integer)
+    assert torch.equal(frac.codes.view(n, -1, g).float(), q)             # the very codes Q4_1 stored
+    fixed = quant.zero_fixed(frac.zero)
+    assert fixed.dtype == torch.int32 and torch.equal(quant.zero_of_fixed(fixed).float(), frac.zero)
+    assert bool((frac.zero != frac.zero.round()).any()) and bool((frac.zero < 0).any())
+    assert torch.equal(quant.zero_fixed(integer.zero), integer.zero.to(torch.int32) * 2 ** quant.ZERO_FRAC_BITS)
+    # a constant (here all-positive) group still reconstructs, with its zero inside the int32 range
+    c = quant.quantize_weight(torch.full((2, 64), 0.37), 4, 32, frac_zero=True)
+    assert float((c.dequantize() - 0.37).abs().max()) < 1e-6
+    assert float(c.zero.abs().max()) <= quant.FRAC_ZERO_RANGE
+    # the trainable path has the same arithmetic
+    ste = quant.fake_quant_weight_ste(w, 4, g, frac_zero=True)
+    assert torch.equal(ste, frac.dequantize())
+
+
+def test_weight_grid_of_pairs_and_refuses_symmetric_fractional():
+    from abqc.bits import parse_pair
+    assert quant.weight_grid_of(parse_pair("w4a8g32f")) == {"bits": 4, "group_size": 32, "symmetric": False,
+                                                            "balanced": False, "frac_zero": True}
+    assert quant.weight_grid_of(parse_pair("w2*a8"))["symmetric"] is True
+    with pytest.raises(ValueError, match="asymmetric grid"):
+        quant.weight_grid_of(parse_pair("w4a8f"), weight_symmetric=True)
+
+
+def test_kernels_use_the_same_zero_point_fixed_point():
+    from importlib import resources
+    text = resources.files("abqc.codegen").joinpath("templates", "common.cuh").read_text()
+    assert f"#define W_ZERO_FRAC_BITS {quant.ZERO_FRAC_BITS}\n" in text

@@ -135,7 +135,13 @@ class ExportLinear(nn.Module):
         codes = quant.unpack_bitplanes(ql.w_planes.cpu(), ql.in_features)
         self.register_buffer("w_codes", codes.to(torch.uint8))
         self.register_buffer("w_scale", ql.w_scale.float().cpu().contiguous())
-        self.register_buffer("w_zero", ql.w_zero.cpu().to(torch.uint8))
+        zero = ql.w_zero.cpu().to(torch.int64)                   # fixed point (abqc.quant.zero_fixed)
+        whole, frac = zero >> quant.ZERO_FRAC_BITS, zero & ((1 << quant.ZERO_FRAC_BITS) - 1)
+        if bool(frac.any()) or int(whole.min()) < 0 or int(whole.max()) > 255:
+            raise AbqcError(f"{ql.pair} has fractional weight zero points (the 'f' grid), which ONNX "
+                            "DequantizeLinear cannot hold (integer zero points in the code range): export a "
+                            "compile without the trailing 'f' in its bit string")
+        self.register_buffer("w_zero", whole.to(torch.uint8))
         self.register_buffer("bias", None if ql.bias is None else ql.bias.float().cpu())
 
     def forward(self, x):

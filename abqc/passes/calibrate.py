@@ -87,8 +87,8 @@ def quant_linear_fn(pairs: dict[str, BitPair], clips: dict, act_symmetric: bool,
         if not pair.weight_only:
             x = quant.fake_quant_activation(x, pair.a_bits, act_symmetric, ste=True)
         cmax, cmin = clips.get(role, (None, None))
-        wq = quant.fake_quant_weight_ste(w, pair.w_bits, pair.group_size, weight_symmetric or pair.balanced,
-                                         pair.balanced, cmax, cmin)
+        wq = quant.fake_quant_weight_ste(w, **quant.weight_grid_of(pair, weight_symmetric), clip_max=cmax,
+                                         clip_min=cmin)
         return F.linear(x, wq, b)
     return fn
 
@@ -323,8 +323,8 @@ def make_calibrate(method: str = "abq", options: CalibOptions | dict | None = No
             bm.write(w_final)
             for role, pair in pairs.items():
                 cmax, cmin = clips.get(role, (None, None))
-                qw = quant.quantize_weight(w_final.linears[role][0], pair.w_bits, pair.group_size,
-                                           ctx.weight_symmetric or pair.balanced, pair.balanced, cmax, cmin)
+                qw = quant.quantize_weight(w_final.linears[role][0], **quant.weight_grid_of(pair, ctx.weight_symmetric),
+                                           clip_max=cmax, clip_min=cmin)
                 qweights[(block.index, role)] = (pair, qw.to(bm.module(role).weight.device))
             q_fn = quant_linear_fn(pairs, clips, ctx.act_symmetric, ctx.weight_symmetric)
             x_q = batched(lambda xb: bm.forward(xb, rope, w_final, q_fn)[0], x_q)

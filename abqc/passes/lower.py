@@ -32,7 +32,8 @@ def make_lower(mode: str = "real"):
                 pre = getattr(lin, "pre", None)     # an online Hadamard (rotate pass) stays on the input
                 if mode == "real":
                     new = QuantLinear.from_linear(lin, pair, qw, ctx.act_symmetric, pre)
-                    q_bytes += new.w_planes.numel() * 4 + new.w_scale.numel() * 2 + new.w_zero.numel()
+                    q_bytes += (new.w_planes.numel() * 4 + new.w_scale.numel() * 2
+                                + new.w_zero.numel() * (2 if pair.frac_zero else 1))
                 else:
                     new = FakeQuantLinear(qw.dequantize().to(lin.weight.dtype), lin.bias, pair, ctx.act_symmetric,
                                           pre)
@@ -42,7 +43,7 @@ def make_lower(mode: str = "real"):
                 bits[str(pair)] += 1
         summary = {"mode": mode, "linears_by_bits": dict(bits), "fp16_weight_bytes": fp_bytes}
         if mode == "real":
-            # packed planes + fp16 scales + 8-bit zeros, as a deployed artifact stores them
+            # packed planes + fp16 scales + 8-bit zeros (16-bit where fractional), as a deployed artifact stores them
             summary["packed_weight_bytes"] = q_bytes
             summary["compression_vs_fp16"] = round(fp_bytes / max(q_bytes, 1), 3)
         return captured, PassReport(f"lower[{mode}]", summary)

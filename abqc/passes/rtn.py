@@ -20,8 +20,7 @@ def rtn(captured: CapturedModel, ctx: PassContext):
         if pair.is_fp:
             continue
         w = lin.weight.detach()
-        qw = quant.quantize_weight(w, pair.w_bits, pair.group_size,
-                                   symmetric=ctx.weight_symmetric or pair.balanced, balanced=pair.balanced)
+        qw = quant.quantize_weight(w, **quant.weight_grid_of(pair, ctx.weight_symmetric))
         qweights[(layer, role)] = (pair, qw)
         err = (qw.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
         details.append({"layer": layer, "role": role, "bits": str(pair), "shape": list(w.shape),

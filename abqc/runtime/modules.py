@@ -64,7 +64,7 @@ class QuantLinear(nn.Module):
         padded = nn.functional.pad(codes, (0, kp - in_features))
         self.register_buffer("w_planes", quant.pack_bitplanes(codes, qw.planes, pad_to=gw * 32))
         self.register_buffer("w_scale", qw.scale.float().contiguous())
-        self.register_buffer("w_zero", qw.zero.to(torch.int32).contiguous())
+        self.register_buffer("w_zero", quant.zero_fixed(qw.zero).contiguous())   # fixed point (quant.py)
         self.register_buffer("w_sum", padded.view(out_features, -1, gw * 32).sum(-1).to(torch.int32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._retile()

@@ -90,15 +90,18 @@ def pack_activation(x2d: torch.Tensor, a_bits: int, group_size: int, in_features
 
 
 def epilogue(acc, a_sum, a_scale, a_zero, w_sum, w_scale, w_zero, group_size, in_features, bias, out_dtype):
-    """Zero-point correction in exact integers, then scaling. Shapes: acc [M,N,G], a_* [M,G]/[M,1], w_* [N,G]."""
+    """Zero-point correction in exact integers, then scaling. Shapes: acc [M,N,G], a_* [M,G]/[M,1], w_* [N,G];
+    w_zero in fixed point (quant.zero_fixed): t * 2^F = (acc - za*sw) * 2^F - zw_F * (sa - k*za), exact."""
     gw, kp = group_layout(in_features, group_size)
     gs = gw * 32
     k_g = torch.full((acc.shape[2],), gs, dtype=torch.int64, device=acc.device)
     k_g[-1] = in_features - gs * (acc.shape[2] - 1)                      # real elements in the tail group
     za = a_zero.to(torch.int64).view(-1, 1, 1)
     zw = w_zero.to(torch.int64).unsqueeze(0)
-    t = acc.to(torch.int64) - zw * a_sum.unsqueeze(1) - za * w_sum.to(torch.int64).unsqueeze(0) + k_g * za * zw
-    y = (t.to(torch.float64) * w_scale.to(torch.float64).unsqueeze(0)).sum(-1) * a_scale.to(torch.float64)
+    f = quant.ZERO_FRAC_BITS
+    t = ((acc.to(torch.int64) - za * w_sum.to(torch.int64).unsqueeze(0)) * 2 ** f
+         - zw * (a_sum.unsqueeze(1) - k_g * za))
+    y = (t.to(torch.float64) * w_scale.to(torch.float64).unsqueeze(0)).sum(-1) * a_scale.to(torch.float64) / 2 ** f
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(out_dtype)
@@ -117,7 +120,7 @@ def grouped_linear_from_codes(up, a_sum, a_scale, a_zero, uw, w_scale, w_zero, w
     wq = (uw[:, :kp].to(torch.float64).view(n, groups, gs) * ws.unsqueeze(-1)).view(n, kp)
     k_g = torch.full((groups,), float(gs), dtype=torch.float64, device=up.device)
     k_g[-1] = in_features - gs * (groups - 1)                                       # real elements in the tail
-    zw, za = w_zero.to(torch.float64), a_zero.to(torch.float64).view(-1, 1)
+    zw, za = quant.zero_of_fixed(w_zero), a_zero.to(torch.float64).view(-1, 1)
     corr = (a_sum.to(torch.float64) @ (ws * zw).T + za * (ws * w_sum.to(torch.float64)).sum(1)
             - za * (ws * k_g * zw).sum(1))
     y = (up.to(torch.float64) @ wq.T - corr) * a_scale.to(torch.float64).view(-1, 1)
@@ -155,7 +158,7 @@ def dequantize_planes(w_planes, w_scale, w_zero, group_size, in_features):
     gw, kp = group_layout(in_features, group_size)
     n = w_planes.shape[1]
     u = quant.unpack_bitplanes(w_planes)[:, :kp].to(torch.float32).view(n, -1, gw * 32)
-    w = (u - w_zero.to(torch.float32).unsqueeze(-1)) * w_scale.unsqueeze(-1)
+    w = (u - quant.zero_of_fixed(w_zero).to(torch.float32).unsqueeze(-1)) * w_scale.unsqueeze(-1)
     return w.view(n, -1)[:, :in_features]
 
 

@@ -32,7 +32,7 @@ struct Args {
   const uint4 *wt;      // tiled weight planes [NT][S][P][32] uint4
   const u32 *act;       // activation planes [Q][M][KW]
   int M, N, K, G, gw, SG;   // gw words per group, SG 256-bit steps per group
-  const float *w_scale; const int *w_zero; const int *w_sum;      // [N][G]
+  const float *w_scale; const int *w_zero; const int *w_sum;      // [N][G]; w_zero in fixed point
   const float *a_scale; const int *a_zero; const int *a_sum;      // [M], [M], [M][G] or [M][parts] if G == 1
   const float *bias;    // [N] or null
   void *out;            // int32 [M][N][G] (mode 0) or y [M][N] (mode 1 f32, 2 f16, 3 bf16)
@@ -66,14 +66,19 @@ __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, u
 }
 #endif
 
+// Weight zero points arrive in fixed point, zero * 2^W_ZERO_FRAC_BITS (abqc.quant.ZERO_FRAC_BITS).
+#define W_ZERO_FRAC_BITS 8
+
 // Exact zero-point correction of one group (activation zero za, activation code sum sa over the
-// group), scaled by the weight scale.
+// group), scaled by the weight scale: 2^F * sum (u_a - za)(u_w - zw) = (c - za*sw) 2^F - zw_F (sa - kg*za)
+// in integers, then one float conversion and the exact 2^-F (an integer zero gives the same float bits
+// as the plain integer formula).
 __device__ __forceinline__ float group_term_of(const Args &a, int n, int grp, int c, i64 za, i64 sa) {
   const int gs = a.gw * 32;
   const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1);
   const i64 zw = a.w_zero[(i64)n * a.G + grp];
-  const i64 tv = (i64)c - zw * sa - za * a.w_sum[(i64)n * a.G + grp] + kg * za * zw;
-  return a.w_scale[(i64)n * a.G + grp] * (float)tv;
+  const i64 tv = ((i64)c - za * a.w_sum[(i64)n * a.G + grp]) * (1 << W_ZERO_FRAC_BITS) - zw * (sa - kg * za);
+  return a.w_scale[(i64)n * a.G + grp] * ((float)tv * (1.f / (1 << W_ZERO_FRAC_BITS)));
 }
 
 __device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {

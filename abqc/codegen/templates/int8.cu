@@ -75,9 +75,10 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
     ((int *)a.out)[idx] = (int)(acc + (i64)a.cw * a8 + (i64)a.ca * w8 + (i64)a.K * a.ca * a.cw);
     return;
   }
-  const i64 ra = a.ca - a.a_zero[m], rw = a.cw - a.w_zero[n];
-  const i64 t = acc + rw * a8 + ra * w8 + (i64)a.K * ra * rw;     // sum_k (u_a - z_a)(u_w - z_w), exact
-  float y = a.w_scale[n] * (float)t * a.a_scale[m];
+  // w_zero in fixed point (common.cuh): t = 2^F * sum_k (u_a - z_a)(u_w - z_w), exact
+  const i64 ra = a.ca - a.a_zero[m], rw = ((i64)a.cw << W_ZERO_FRAC_BITS) - a.w_zero[n];
+  const i64 t = (acc << W_ZERO_FRAC_BITS) + rw * a8 + ra * (w8 << W_ZERO_FRAC_BITS) + (i64)a.K * ra * rw;
+  float y = a.w_scale[n] * ((float)t * (1.f / (1 << W_ZERO_FRAC_BITS))) * a.a_scale[m];
   if (a.bias) y += a.bias[n];
   store_y(a.out, a.mode, idx, y);
 }
