@@ -148,10 +148,14 @@ def _weight_grid(w: torch.Tensor, bits: int, group_size, symmetric: bool, balanc
     g = group_size or k
     wg = _pad_k(w.float(), g).view(n, -1, g)
     xmin, xmax = _group_range(wg, k)
+    # clipping shrinks the range toward its point nearest 0: 0 itself where the range holds it (LWC's
+    # alpha*max, beta*min); a fractional-zero group entirely on one side of 0 keeps its end nearest 0,
+    # so a shrunk range can never turn inside out
+    centre = xmin.clamp(min=0) + xmax.clamp(max=0) if frac_zero else None
     if clip_max is not None:
-        xmax = xmax * clip_max
+        xmax = xmax * clip_max if centre is None else centre + (xmax - centre) * clip_max
     if clip_min is not None:
-        xmin = xmin * clip_min
+        xmin = xmin * clip_min if centre is None else centre + (xmin - centre) * clip_min
     scale, zero, qmax = _scale_zero(xmin, xmax, bits, symmetric, balanced, round_fn, frac_zero)
     codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), qmax, round_fn)
     return codes, scale, zero, g

@@ -13,7 +13,10 @@ already-quantized model's input to it):
     where y_fp = FP block(x_fp), y_fp* = FP block(x_q); every term's weight is configurable.
 Invariant: afterwards each block's float weights are the learned smoothed (+ compensated) ones, and
 ctx.state["qweights"] holds every quantized linear quantized with its learned clipping; no weight is NaN
-(a non-finite loss reverts the block to its best parameters so far, reported as a warning).
+(a non-finite loss reverts the block to its best parameters so far, reported as a warning). With
+keep_rtn_if_better (default) no block ends with a higher loss, over all its samples, than plain RTN of
+the same block: a block where training lost to RTN keeps RTN (reported as a warning, both losses in the
+details).
 With checkpoint_dir set, each finished block is saved and a rerun with the same inputs resumes after the
 last finished block and yields bit-identical weights (same arithmetic on the same values).
 """
@@ -59,6 +62,7 @@ class CalibOptions:
     compensation: bool | None = None   # None: on for abq, off for lwc-mse
     compensation_layers: tuple | None = None   # None: the sensitivity pass's choice, else first 3 + last 4
     clip_init: float = 4.0
+    keep_rtn_if_better: bool = True    # a block whose calibrated loss is above its plain-RTN loss keeps RTN
     loss: dict = field(default_factory=dict)   # term -> weight; empty: the method's default
     checkpoint_dir: str | None = None
 
@@ -183,6 +187,36 @@ def _load_checkpoint(path: Path, key: str, device):
     return BlockWeights(lin, t["norm_attn"], t["norm_mlp"]), clips, json.loads(meta["info"])
 
 
+def _block_loss(bm: BlockMath, data: dict, idx, rope, weights: BlockWeights, q_fn, loss_w: dict,
+                w_fp: BlockWeights) -> torch.Tensor:
+    """The calibration loss of the quantized block (weights, q_fn) on the samples idx."""
+    y, logp = bm.forward(data["x_q"][idx], rope, weights, q_fn, want_logp="akl" in loss_w)
+    loss = y.new_zeros(())
+    if "dlc" in loss_w:
+        loss = loss + loss_w["dlc"] * dlc_loss(y, data["y_fp"][idx], data["y_fps"][idx])
+    if "mse" in loss_w:
+        loss = loss + loss_w["mse"] * F.mse_loss(y, data["y_fp"][idx])
+    if "mse_star" in loss_w:
+        loss = loss + loss_w["mse_star"] * F.mse_loss(y, data["y_fps"][idx])
+    if "akl" in loss_w:
+        with torch.no_grad():
+            logp_fp = bm.forward(data["x_fp"][idx], rope, w_fp, want_logp=True)[1]
+        loss = loss + loss_w["akl"] * akl_loss(logp, logp_fp)
+    return loss
+
+
+@torch.no_grad()
+def _mean_loss(bm: BlockMath, data: dict, rope, weights: BlockWeights, q_fn, opts: CalibOptions,
+               w_fp: BlockWeights) -> float:
+    """_block_loss over every calibration sample (batches of opts.batch), averaged: one number to compare
+    two settings of a block by."""
+    n = data["x_q"].shape[0]
+    total = sum(float(_block_loss(bm, data, torch.arange(i, min(i + opts.batch, n), device=data["x_q"].device),
+                                  rope, weights, q_fn, opts.loss, w_fp)) * (min(i + opts.batch, n) - i)
+                for i in range(0, n, opts.batch))
+    return total / max(n, 1)
+
+
 def _train(params: BlockParams, data: dict, rope, opts: CalibOptions, epochs: int, gen: torch.Generator,
            w_fp: BlockWeights, act_sym: bool, w_sym: bool):
     """AdamW over the block's parameters; returns (loss curve per epoch, status). Keeps the best epoch."""
@@ -202,21 +236,8 @@ def _train(params: BlockParams, data: dict, rope, opts: CalibOptions, epochs: in
         total, steps = 0.0, 0
         for i in range(0, n, opts.batch):
             idx = perm[i:i + opts.batch]
-            y, logp = bm.forward(x_q[idx], rope, params.float_weights(),
-                                 quant_linear_fn(params.pairs, params.clips(), act_sym, w_sym),
-                                 want_logp="akl" in loss_w)
-            loss = y.new_zeros(())
-            if "dlc" in loss_w:
-                loss = loss + loss_w["dlc"] * dlc_loss(y, data["y_fp"][idx], data["y_fps"][idx])
-            if "mse" in loss_w:
-                loss = loss + loss_w["mse"] * F.mse_loss(y, data["y_fp"][idx])
-            if "mse_star" in loss_w:
-                loss = loss + loss_w["mse_star"] * F.mse_loss(y, data["y_fps"][idx])
-            if "akl" in loss_w:
-                with torch.no_grad():
-                    logp_fp = bm.forward(data["x_fp"][idx], rope, w_fp, want_logp=True)[1]
-                loss = loss + loss_w["akl"] * akl_loss(logp, logp_fp)
-                del logp_fp
+            loss = _block_loss(bm, data, idx, rope, params.float_weights(),
+                               quant_linear_fn(params.pairs, params.clips(), act_sym, w_sym), loss_w, w_fp)
             if not torch.isfinite(loss):
                 status = "non-finite loss: reverted to the best parameters so far"
                 break
@@ -295,7 +316,6 @@ def make_calibrate(method: str = "abq", options: CalibOptions | dict | None = No
                     gen = torch.Generator().manual_seed(ctx.seed * 100003 + block.index)
                     curve, status = _train(params, data, rope, opts, epochs, gen, w_fp,
                                            ctx.act_symmetric, ctx.weight_symmetric)
-                    del data
                     with torch.no_grad():
                         w_final = params.float_weights()
                         w_final = BlockWeights({r: (w.detach(), None if b is None else b.detach())
@@ -307,6 +327,19 @@ def make_calibrate(method: str = "abq", options: CalibOptions | dict | None = No
                     if not finite:
                         status = "non-finite weights after training: fell back to RTN for this block"
                         w_final, clips = w_fp, {}
+                    elif opts.keep_rtn_if_better and curve:
+                        # never worse than the starting point a user could have had for free: the same loss,
+                        # over every sample, of the trained block and of plain RTN (no smoothing, no clipping)
+                        loss_cal = _mean_loss(bm, data, rope, w_final, quant_linear_fn(
+                            pairs, clips, ctx.act_symmetric, ctx.weight_symmetric), opts, w_fp)
+                        loss_rtn = _mean_loss(bm, data, rope, w_fp, quant_linear_fn(
+                            pairs, {}, ctx.act_symmetric, ctx.weight_symmetric), opts, w_fp)
+                        info |= {"loss_calibrated": round(loss_cal, 6), "loss_rtn": round(loss_rtn, 6)}
+                        if loss_rtn < loss_cal:
+                            status = (f"calibrated loss {loss_cal:.4g} above plain RTN's {loss_rtn:.4g}: kept RTN "
+                                      "for this block")
+                            w_final, clips = w_fp, {}
+                    del data
                     if status != "ok":
                         warnings.append(f"layer {block.index}: {status}")
                     info |= {"epochs": epochs, "status": status, "loss_curve": [round(v, 6) for v in curve]}
