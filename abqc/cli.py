@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import AbqcError
 
 _BITS_HELP = ('bit spec: "w4a8", "w2a8", "w2*a8" (balanced INT2, 3-plane storage), "w4a16" (weight-only), '
-              '"w4a16g128" (groups of 128 along K), with overrides "w2a8,down=w4a8,0-2=w8a8,29.o=w4a8"')
+              '"w4a16g128" (groups of 128 along K), "w4a8g32f" (a trailing f: fractional weight zero points, '
+              'kept to 2^-8), with overrides "w2a8,down=w4a8,0-2=w8a8,29.o=w4a8"')
 METHODS = ("rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")   # abqc.passes.METHODS, without importing torch
 _NO_CALIB_PASSES = ("rtn", "lower", "lower_fake")
 

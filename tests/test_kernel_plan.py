@@ -166,6 +166,27 @@ def test_gpu_tuned_plan_has_a_measured_time_for_every_entry(tmp_path, monkeypatc
     assert [(e["tile"], e["us"]) for e in again] == [(e["tile"], e["us"]) for e in plan]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not rcuda.available(), reason="needs a CUDA GPU and cuda-bindings")
+def test_gpu_tuned_hadamard_choice_is_stored_and_followed(tmp_path, monkeypatch):
+    """kernel_plan(tune=True) on a rotated model times the down_proj's online Hadamard both ways, stores the
+    choice, and the module then runs it that way with the same output as transforming first."""
+    monkeypatch.setattr(planner, "_path", lambda: tmp_path / "plans.json")
+    q = abqc.compile(tiny_model("llama"), bits="w4a8", passes=("rotate", "rtn", "lower"), progress=False).to("cuda")
+    plan = q.kernel_plan(m=(1,), tune=True)
+    downs = [e for e in plan if e["role"] == "down"]
+    packed = [e for e in downs if e["runtime_tile"][0] in ("gemv", "bmma")]   # the families that could fuse it
+    assert all(e["hadamard"] == "separate (the family quantizes in-kernel)" for e in downs if e not in packed)
+    assert all(e["hadamard"] in ("fused", "separate") for e in packed)
+    assert all(e["hadamard_us"]["fused"] > 0 and e["hadamard_us"]["separate"] > 0 for e in packed)
+    stored = json.loads((tmp_path / "plans.json").read_text())
+    block = q.model.model.layers[0].mlp.down_proj.pre.block.shape[0]
+    assert sum(k.endswith(f"|h{block}") for k in stored) == (1 if packed else 0)   # both layers: one key
+    ql = q.model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, ql.in_features, device="cuda", dtype=torch.float16)
+    assert torch.equal(ql(x), ql._cuda_linear(ql.pre(x)))
+
+
 def test_launch_tile_is_memoised_until_a_plan_is_stored(cache):
     key = planner.plan_key(64, 2, 2, 4, 8, 5, "sm_90a")
     default = rcuda.launch_tile(5, 4, 8, 64, 2, 2, "sm_90a")
