@@ -55,6 +55,28 @@ def test_model_parity_every_weight_width_integer_initialisers(tmp_path):
     assert sum(n.op_type == "ReduceMin" for n in m.graph.node) == 4
 
 
+def test_fractional_zero_points_export_with_a_per_group_offset(tmp_path):
+    """An "f" grid (fractional zero points, some outside the code range) exports: DequantizeLinear holds the
+    zero's integer part, a second blocked DequantizeLinear of in-graph zeros subtracts the rest; onnxruntime
+    matches the integer reference, and linears with integer zeros carry no offset."""
+    q = _compile("llama", "w4a8g32f,down=w8a8,1.o=w3a16f")
+    exp = xonnx.export_onnx(q, tmp_path / "f.onnx", scope="block", layer=1)
+    assert xonnx.parity(q, exp)["max_abs_diff"] <= TOL
+    m = onnx.load(str(tmp_path / "f.onnx"))
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 + 6                                   # seven linears, six of them with an offset
+    inits = {t.name: t for t in m.graph.initializer}
+    codes = [int(np.prod(inits[n.input[0]].dims)) for n in dq if n.input[0] in inits]
+    assert len(codes) == 7                                    # the offsets' zeros are made in the graph
+    floats = [int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert max(floats) < min(codes)                           # no [N, K] float offset stored
+    ready, _ = xonnx.export_ready(q)
+    layer = ready.model.layers[1]
+    assert layer.mlp.down_proj.w_offset is None and layer.self_attn.q_proj.w_offset is not None
+    z = abqc.quant.zero_of_fixed(q.model.model.layers[1].self_attn.q_proj.w_zero)
+    assert bool(((z < 0) | (z != z.round())).any())          # the case DequantizeLinear alone cannot hold
+
+
 def test_export_ready_is_the_reference_in_torch():
     """The float model of the exported graph (before ONNX) equals the integer reference, incl. an input transform."""
     q = _compile("llama", "w3a5g32,down=w6a8")
@@ -89,9 +111,6 @@ def test_unexpressible_and_wrong_inputs_are_clear_errors(tmp_path):
     fake = abqc.compile(tiny_model("llama"), bits="w4a8", passes=["rtn", "lower_fake"], progress=False)
     with pytest.raises(abqc.AbqcError, match="fake-quant"):
         xonnx.export_onnx(fake, tmp_path / "x.onnx")
-    frac = abqc.compile(tiny_model("llama"), bits="w4a8g32f", passes=["rtn", "lower"], progress=False)
-    with pytest.raises(abqc.AbqcError, match="fractional weight zero points"):
-        xonnx.export_onnx(frac, tmp_path / "x.onnx")
     q = _compile("llama", "w4a8")
     with pytest.raises(abqc.AbqcError, match="scope"):
         xonnx.export_onnx(q, tmp_path / "x.onnx", scope="layer")

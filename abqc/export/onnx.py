@@ -2,6 +2,8 @@
 
 Every QuantLinear becomes, in the ONNX graph,
     W  = DequantizeLinear(codes, scale [N, G], zero [N, G], axis=1, block_size=g)   codes: uint4 or uint8 [N, K]
+         (fractional zero points, the "f" grids: zero = its integer part in [0, 255], and W -= s * (z - zero)
+         per group, that offset expanded by a second blocked DequantizeLinear of a zero tensor)
     s, z per token (ReduceMin/ReduceMax over the last axis, as abqc.quant.quantize_activation)
     x' = (clip(round(x / s) + z, 0, qmax) - z) * s
     y  = MatMul(x', W^T) + bias
@@ -60,28 +62,38 @@ def check_expressible(a_bits: int, act_symmetric: bool) -> None:
 
 @torch.library.custom_op("abqc::onnx_qdq_linear", mutates_args=())
 def onnx_qdq_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                    bias: Optional[torch.Tensor], a_bits: int, group_size: int,
+                    w_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], a_bits: int, group_size: int,
                     act_symmetric: bool) -> torch.Tensor:
     """Float model of the exported linear (used while tracing; the ONNX translation is `_translate`)."""
     n, k = w_codes.shape
     g = w_scale.shape[1]
     u = nn.functional.pad(w_codes.float(), (0, g * group_size - k)).view(n, g, group_size)
-    w = ((u - w_zero.float().unsqueeze(-1)) * w_scale.unsqueeze(-1)).view(n, -1)[:, :k]
+    w = (u - w_zero.float().unsqueeze(-1)) * w_scale.unsqueeze(-1)
+    if w_offset is not None:
+        w = w - w_offset.unsqueeze(-1)
+    w = w.view(n, -1)[:, :k]
     if a_bits < 16:
         x = quant.fake_quant_activation(x, a_bits, act_symmetric)
     return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 @onnx_qdq_linear.register_fake
-def _(x, w_codes, w_scale, w_zero, bias, a_bits, group_size, act_symmetric):
+def _(x, w_codes, w_scale, w_zero, w_offset, bias, a_bits, group_size, act_symmetric):
     return x.new_empty(*x.shape[:-1], w_codes.shape[0])
 
 
-def _translate(x, w_codes, w_scale, w_zero, bias, a_bits: int, group_size: int, act_symmetric: bool):
+def _translate(x, w_codes, w_scale, w_zero, w_offset, bias, a_bits: int, group_size: int, act_symmetric: bool):
     """onnxscript translation of abqc::onnx_qdq_linear; mirrors abqc.quant._scale_zero step for step."""
+    from onnx import TensorProto, helper
     from onnxscript import opset21 as op
 
     w = op.DequantizeLinear(w_codes, w_scale, w_zero, axis=1, block_size=group_size)
+    if w_offset is not None:
+        # (0 - 1) * offset of each code's group, [N, K], with no [N, K] initializer: a blocked dequantize
+        # of zeros made in the graph
+        zeros = op.ConstantOfShape(op.Shape(w_codes), value=helper.make_tensor("z", TensorProto.UINT8, [1], [0]))
+        ones = op.ConstantOfShape(op.Shape(w_offset), value=helper.make_tensor("o", TensorProto.UINT8, [1], [1]))
+        w = op.Add(w, op.DequantizeLinear(zeros, w_offset, ones, axis=1, block_size=group_size))
     if a_bits < 16:
         axis = op.Constant(value_ints=[-1])
         xmin = op.ReduceMin(x, axis, keepdims=1)
@@ -135,19 +147,18 @@ class ExportLinear(nn.Module):
         codes = quant.unpack_bitplanes(ql.w_planes.cpu(), ql.in_features)
         self.register_buffer("w_codes", codes.to(torch.uint8))
         self.register_buffer("w_scale", ql.w_scale.float().cpu().contiguous())
-        zero = ql.w_zero.cpu().to(torch.int64)                   # fixed point (abqc.quant.zero_fixed)
-        whole, frac = zero >> quant.ZERO_FRAC_BITS, zero & ((1 << quant.ZERO_FRAC_BITS) - 1)
-        if bool(frac.any()) or int(whole.min()) < 0 or int(whole.max()) > 255:
-            raise AbqcError(f"{ql.pair} has fractional weight zero points (the 'f' grid), which ONNX "
-                            "DequantizeLinear cannot hold (integer zero points in the code range): export a "
-                            "compile without the trailing 'f' in its bit string")
+        zero = quant.zero_of_fixed(ql.w_zero.cpu())                # float64, exact (abqc.quant.zero_fixed)
+        whole = zero.floor().clamp(0, 255)                          # what DequantizeLinear's uint8 zero can hold
         self.register_buffer("w_zero", whole.to(torch.uint8))
+        # fractional zero points ("f" grids): the rest, scale * (zero - whole) per group, subtracted in the graph
+        rest = zero - whole
+        self.register_buffer("w_offset", (ql.w_scale.double().cpu() * rest).float() if bool(rest.any()) else None)
         self.register_buffer("bias", None if ql.bias is None else ql.bias.float().cpu())
 
     def forward(self, x):
         if self.pre is not None:
             x = self.pre(x)
-        return torch.ops.abqc.onnx_qdq_linear(x, self.w_codes, self.w_scale, self.w_zero, self.bias,
+        return torch.ops.abqc.onnx_qdq_linear(x, self.w_codes, self.w_scale, self.w_zero, self.w_offset, self.bias,
                                               self.a_bits, self.group_size, self.act_symmetric)
 
 
