@@ -72,23 +72,29 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c, correctly rounded on every device: CUDA divides by a Python (CPU) scalar as x * (1/c), which
+    can be one ulp off, so c goes in as a tensor on x's device (the CPU result is unchanged)."""
+    return x / torch.full((), float(c), dtype=x.dtype, device=x.device)
+
+
 def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, balanced: bool,
                 round_fn=torch.round, frac_zero: bool = False):
     planes, qmax, fixed_zero = grid(bits, symmetric, balanced)
     if frac_zero and fixed_zero < 0:
         floor = torch.maximum(xmax.abs(), xmin.abs()).detach() / FRAC_ZERO_RANGE
-        scale = torch.maximum((xmax - xmin) / qmax, floor).clamp(min=CLIP_MIN)
+        scale = torch.maximum(_div(xmax - xmin, qmax), floor).clamp(min=CLIP_MIN)
         step = 2 ** ZERO_FRAC_BITS
         zero = round_fn(-xmin / scale * step) / step
     elif fixed_zero >= 0:
         # symmetric: the negative half of the grid has fixed_zero levels below zero
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         pos_levels = qmax - fixed_zero if balanced else fixed_zero - 1
-        scale = (absmax / max(pos_levels, 1)).clamp(min=CLIP_MIN)
+        scale = _div(absmax, max(pos_levels, 1)).clamp(min=CLIP_MIN)
         zero = torch.full_like(scale, float(fixed_zero))
     else:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-        scale = ((xmax - xmin) / qmax).clamp(min=CLIP_MIN)
+        scale = _div(xmax - xmin, qmax).clamp(min=CLIP_MIN)
         zero = round_fn(-xmin / scale).clamp(0, qmax)
     return scale, zero, qmax
 

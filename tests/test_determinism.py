@@ -70,3 +70,26 @@ def test_gpu_kernels_run_to_run_bit_identical(bits, m):
     y = a(x)
     assert torch.equal(y, a(x)) and torch.equal(y, b(x))
     torch.testing.assert_close(y.cpu(), QuantLinear.from_linear(lin, pair, qw)(x.cpu()), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", ["w1a8", "w2*a8", "w3a8g32", "w4a8", "w4a8g32f", "w8a8g64f", "w6a6"])
+def test_quantizer_gives_the_same_bits_on_cuda_as_on_cpu(bits):
+    """Weights quantized on the GPU (the calibration quantizes where it runs) equal the CPU's bit for bit:
+    codes, scales, zero points; and per-token activation codes and scales too (CUDA divides by a Python
+    scalar as a multiply by its reciprocal, so the quantizer divides by device tensors)."""
+    from abqc import quant
+    from abqc.bits import parse_pair
+    pair = parse_pair(bits)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 200, generator=gen) * torch.rand(96, 1, generator=gen) + 0.01
+    grid = quant.weight_grid_of(pair)
+    c, g = quant.quantize_weight(w, **grid), quant.quantize_weight(w.cuda(), **grid)
+    for name in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(c, name), getattr(g, name).cpu()), (bits, name)
+    x = torch.randn(40, 300, generator=gen) * 3
+    for sym in ([False, True] if pair.a_bits > 1 else [False]):
+        uc, sc, zc = quant.quantize_activation(x, pair.a_bits, sym)
+        ug, sg, zg = quant.quantize_activation(x.cuda(), pair.a_bits, sym)
+        assert torch.equal(uc, ug.cpu()) and torch.equal(sc, sg.cpu()) and torch.equal(zc, zg.cpu()), (bits, sym)
