@@ -26,9 +26,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))          # benchmarks/provenance.py, also when loaded by path (tests)
 
 import abqc  # noqa: E402
 from abqc import data  # noqa: E402
+from provenance import software  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
 METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
@@ -177,7 +179,8 @@ def run_one(args, method: str, bits: str) -> dict:
            "bits": "fp" if method == "fp16" else bits, "ppl": round(res["ppl"], 4), "windows": res["windows"],
            "tokens": res["tokens"], "seed": args.seed, "model_source": info.source, "hardware": hardware(),
            "threads": None if torch.cuda.is_available() else torch.get_num_threads(),
-           "eval_seconds": round(time.perf_counter() - t, 1), "compile_seconds": round(t_cal, 1)}
+           "eval_seconds": round(time.perf_counter() - t, 1), "compile_seconds": round(t_cal, 1),
+           "software": software()}
     if calib_rec:
         rec |= {"calib": calib_rec, "calib_seconds": round(t_cal, 1)}
     if method != "fp16":
