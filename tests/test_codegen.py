@@ -57,6 +57,9 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
         assert not re.search(r"\b(LDL|STL)\b", s), f"{cfg.name} spills to local memory"
         if cfg.family == "int8_unpack":
             assert "STG.E.128" in s, f"{cfg.name}: codes not stored 16 bytes wide"
+        if cfg.family == "int8_gemm":     # the INT8 tensor cores, all 8 k32 chunks x 4 token tiles of a step
+            assert len(re.findall(r"IMMA\.16832\.S8\.S8", s)) >= 32, cfg.name
+            assert "STS.128" in s and "LDG.E.128" in s, f"{cfg.name}: planes or unpacked codes not 16 bytes wide"
         if cfg.family in ("bmma", "gemv"):
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
             # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)

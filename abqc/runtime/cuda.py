@@ -48,6 +48,12 @@ class _UnpackArgs(ctypes.Structure):
                 ("gw", ctypes.c_int)]
 
 
+class _Int8GemmArgs(ctypes.Structure):
+    _fields_ = [("wt", ctypes.c_void_p), ("a8", ctypes.c_void_p), ("acc", ctypes.c_void_p), ("M", ctypes.c_int),
+                ("N", ctypes.c_int), ("KP", ctypes.c_int), ("P", ctypes.c_int), ("S", ctypes.c_int),
+                ("ldacc", ctypes.c_int)]
+
+
 class _Int8EpiArgs(ctypes.Structure):
     _fields_ = [("acc", ctypes.c_void_p), ("M", ctypes.c_int), ("N", ctypes.c_int), ("ldacc", ctypes.c_int),
                 ("K", ctypes.c_int), ("ca", ctypes.c_int), ("cw", ctypes.c_int),
@@ -314,14 +320,42 @@ def int8_weights(w_tiled: torch.Tensor, n: int, in_features: int, words: int) ->
     return w8
 
 
+INT8_GEMM_WARPS, INT8_GEMM_TOKENS = 4, 32    # int8.cu's GEMM_WARPS and 8 * TMI: 64 channels x 32 tokens a block
+
+
+def int8_gemm(a8: torch.Tensor, w_tiled: torch.Tensor, n: int, m: int | None = None) -> torch.Tensor:
+    """acc [M, N] int32 = a8 [M, KP] (centred activation codes, zero past K) times the centred weight codes
+    of the tiled planes, unpacked in shared memory (int8.cu INT8_GEMM): equal to
+    torch._int_mm(a8, int8_weights(...).t()) without the int8 weights in memory. m: rows of a8 to use."""
+    require_cuda("abqc.runtime.cuda.int8_gemm()", a8, w_tiled)
+    nt, steps, p = w_tiled.shape[:3]
+    m = a8.shape[0] if m is None else m
+    if a8.dtype != torch.int8 or not a8.is_contiguous() or a8.shape[1] % 32 or nt * 16 < n or m > a8.shape[0]:
+        raise ValueError("int8_gemm needs contiguous int8 codes [M, 32*words] and tiled weights covering N")
+    if steps * 256 < a8.shape[1]:
+        raise ValueError("tiled weights are shorter along K than the activation codes")
+    acc = torch.empty(m, n, dtype=torch.int32, device=a8.device)
+    if m == 0 or n == 0:
+        return acc
+    _, fn = function(_config("int8_gemm", 8, 0, 1, arch_of(a8.device)), a8.device)
+    _launch(fn, (-(-nt // INT8_GEMM_WARPS), -(-m // INT8_GEMM_TOKENS)), 32 * INT8_GEMM_WARPS, 0,
+            _Int8GemmArgs(w_tiled.data_ptr(), a8.data_ptr(), acc.data_ptr(), m, n, a8.shape[1], p, steps, n),
+            a8.device)
+    return acc
+
+
 def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
-                words: int, in_features: int, act_symmetric: bool, integer: bool = False) -> torch.Tensor:
+                words: int, in_features: int, act_symmetric: bool, integer: bool = False,
+                in_kernel_unpack: bool = False) -> torch.Tensor:
     """The INT8 family: y [M, N] (or, integer=True, the int32 accumulators sum_k u_a * u_w [M, N, 1] that the
     bit-plane kernels give) from centred int8 codes of both sides and one torch._int_mm (INT8 tensor cores).
-    Per-channel weights only; weights are unpacked to int8 on every call (no int8 copy is kept)."""
+    Per-channel weights only; weights are unpacked to int8 on every call (no int8 copy is kept), or, with
+    in_kernel_unpack, inside abqc's own INT8 GEMM (int8_gemm; not yet chosen by the planner)."""
     a8, a_sum, a_scale, a_zero = quant_int8(x, a_bits, words, in_features, act_symmetric, INT8_MIN_ROWS)
-    w8 = int8_weights(w_tiled, n, in_features, words)
-    acc = torch._int_mm(a8, w8.t())
+    if in_kernel_unpack:
+        acc = int8_gemm(a8, w_tiled, n, x.shape[0])
+    else:
+        acc = torch._int_mm(a8, int8_weights(w_tiled, n, in_features, words).t())
     m, dev, p = x.shape[0], x.device, w_tiled.shape[2]
     out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if integer
            else torch.empty(m, n, dtype=x.dtype, device=dev))

@@ -83,3 +83,93 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
   store_y(a.out, a.mode, idx, y);
 }
 #endif
+
+#ifdef INT8_GEMM
+// acc [M][ldacc] int32 = sum_k a8[m][k] * w8[n][k] on the INT8 tensor cores (mma.sync m16n8k32 s8), with
+// w8 = u_w - 2^(P-1) unpacked from the tiled bit-planes into shared memory one 256-wide K step at a time:
+// what int8_unpack + torch._int_mm compute, without the int8 weights' round trip through memory.
+// A warp owns one 16-channel tile and TMI tiles of 8 tokens; it unpacks its tile's step (each lane the
+// four words of the b1 fragment layout, multiply-spread as in int8_unpack) into a warp-private [16][WROW]
+// byte tile (rows padded by 16 bytes: the fragment loads hit 32 distinct banks), then runs the step's
+// eight k32 chunks. a8 is zero past K, so the codes of padding columns (any value) add nothing.
+struct GemmArgs {
+  const u32 *wt;              // tiled weight planes [NT][S][P][32 lanes][4 words]
+  const signed char *a8;      // [M][KP] centred activation codes (quant_int8), zero past K
+  int *acc;                   // [M][ldacc]
+  int M, N, KP, P, S, ldacc;
+};
+#define GEMM_WARPS 4
+#define TMI 4
+#define WROW (256 + 16)
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) KERNEL_NAME(const GemmArgs a) {
+  __shared__ __align__(16) unsigned char tile[GEMM_WARPS][16 * WROW];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int nt = blockIdx.x * GEMM_WARPS + warp, m0 = blockIdx.y * (8 * TMI);
+  if (nt * 16 >= a.N) return;               // only warp-level synchronisation below
+  unsigned char *s = tile[warp];
+  const u32 centre = (1u << (a.P - 1)) * 0x01010101u;
+  int acc[TMI][4];
+#pragma unroll
+  for (int t = 0; t < TMI; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
+  for (int st = 0; st < a.S; ++st) {
+    u32 out[4][8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 8; ++q) out[j][q] = 0u;
+    const uint4 *src = (const uint4 *)a.wt + ((i64)nt * a.S + st) * a.P * 32 + lane;
+    for (int i = 0; i < a.P; ++i) {
+      const uint4 x = __ldg(src + i * 32);
+      const u32 xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int q = 0; q < 8; ++q) out[j][q] |= ((((xs[j] >> (4 * q)) & 0xfu) * 0x00204081u) & 0x01010101u) << i;
+    }
+    __syncwarp();                           // the previous step's fragment loads are done
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {           // word j: row g (+8 for odd j), words tig (+4 for j >= 2) of the step
+      uint4 *dst = (uint4 *)(s + (g + ((j & 1) ? 8 : 0)) * WROW + 32 * (tig + ((j & 2) ? 4 : 0)));
+      dst[0] = make_uint4(__vsub4(out[j][0], centre), __vsub4(out[j][1], centre), __vsub4(out[j][2], centre),
+                          __vsub4(out[j][3], centre));
+      dst[1] = make_uint4(__vsub4(out[j][4], centre), __vsub4(out[j][5], centre), __vsub4(out[j][6], centre),
+                          __vsub4(out[j][7], centre));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int kc = st * 256 + c * 32;
+      if (kc >= a.KP) break;                // the same for every lane: past the codes' last word
+      const unsigned char *r0 = s + g * WROW + c * 32 + tig * 4, *r1 = r0 + 8 * WROW;
+      const u32 a0 = *(const u32 *)r0, a1 = *(const u32 *)r1, a2 = *(const u32 *)(r0 + 16),
+                a3 = *(const u32 *)(r1 + 16);
+#pragma unroll
+      for (int t = 0; t < TMI; ++t) {
+        const int m = m0 + t * 8 + g;
+        u32 b0 = 0u, b1 = 0u;
+        if (m < a.M) {
+          const signed char *row = a.a8 + (i64)m * a.KP + kc + tig * 4;
+          b0 = __ldg((const u32 *)row);
+          b1 = __ldg((const u32 *)(row + 16));
+        }
+        mma_s8(acc[t], a0, a1, a2, a3, b0, b1);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TMI; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {           // C fragment: (row g or g+8 = channel, column 2*tig + e%2 = token)
+      const int n = nt * 16 + g + (e >= 2 ? 8 : 0), m = m0 + t * 8 + 2 * tig + (e & 1);
+      if (n < a.N && m < a.M) a.acc[(i64)m * a.ldacc + n] = acc[t][e];
+    }
+}
+#endif
