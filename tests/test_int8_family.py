@@ -45,7 +45,7 @@ def test_int8_family_exact_all_pairs(p, q):
         assert torch.equal(got.cpu().long(), int64_group_matmul(up[:, :k].long(), uw, words * 32)), (m, n, k)
         # abqc's own INT8 GEMM (weights unpacked in shared memory) gives torch._int_mm's accumulators exactly
         acc = cuda.int8_gemm(codes, wt, n, m)
-        assert torch.equal(acc, torch._int_mm(codes, cuda.int8_weights(wt, n, k, words).t())[:m]), (m, n, k)
+        assert torch.equal(acc, torch._int_mm(codes, cuda.int8_weights(wt, n, k, words).t())[:m, :n]), (m, n, k)
         fused = cuda.int8_linear(x.cuda(), wt, ones, zeros, w_sum, None, n, q, words, k, symmetric, integer=True,
                                  in_kernel_unpack=True)
         assert torch.equal(fused, got), (m, n, k)
