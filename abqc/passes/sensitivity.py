@@ -12,8 +12,6 @@ overrides are appended to ctx.bits.
 """
 from __future__ import annotations
 
-import torch
-
 from ..bits import ROLES, BitPair, BitSpec, Selector
 from ..calib import BlockMath, batched, embed_inputs, progress, rope_tables
 from ..capture import CapturedModel
