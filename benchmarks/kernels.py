@@ -110,12 +110,17 @@ def abqc_layer(bits, n, k):
     return pair, QuantLinear.from_linear(lin, pair, qw).cuda()
 
 
+def weight_copies(wt: torch.Tensor) -> list[torch.Tensor]:
+    """wt and enough clones of it that a replay cycling through them streams weights from HBM, not L2."""
+    return [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
+
+
 def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
     """(us, tile, packed weight bytes, note) of one abqc linear: the planner's choice (family None), or the
     fastest tile of one family (timed here, not stored in plans.json); None if that family cannot serve it."""
     gw, groups = ql.group_words_and_count()
     wt = ql.tiled_weights()
-    wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
+    wts = weight_copies(wt)
     m, arch = x.shape[0], rcuda.arch_of(x.device)
 
     def call(w, tile):
@@ -164,20 +169,16 @@ def bench_hadamard(pair, ql, x, had: OnlineHadamard, tune: bool, alone_us: float
     """(us, tile, note) of the online Hadamard + linear as the runtime runs it: the planner's tile, the
     Hadamard fused into the activation quantizer or as its own launch (planner.choose_hadamard: timed and
     stored with tune, else the plan or default). Both ways are timed here, weights streaming from HBM."""
-    from abqc.runtime.hadamard import hadamard_cuda
     gw, groups = ql.group_words_and_count()
     wt = ql.tiled_weights()
-    wts = [wt] + [wt.clone() for _ in range(copies_for(wt.numel() * 4) - 1)]
+    wts = weight_copies(wt)
     m, arch, block = x.shape[0], rcuda.arch_of(x.device), had.kernel_block(x.device)
     counter = torch.zeros(m, dtype=torch.int32, device=x.device)
     tile = rcuda.launch_tile(m, wt.shape[2], pair.a_bits, ql.out_features, groups * gw, gw, arch)
-    args = (ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw, groups, ql.in_features, False,
-            tile)
 
     def call(w, fused):
-        if fused:
-            return rcuda.bmma_linear(x, w, *args, hadamard_block=block, counter=counter)
-        return rcuda.bmma_linear(hadamard_cuda(x, block), w, *args)
+        return rcuda.hadamard_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
+                                     groups, ql.in_features, False, tile, block=block, fused=fused, counter=counter)
 
     if tile[0] not in ("gemv", "bmma"):      # gemvq / INT8 quantize x themselves: the Hadamard is separate
         us = planner.time_us(rotating([lambda w=w: call(w, False) for w in wts]), iters=1) / len(wts)

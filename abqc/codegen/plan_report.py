@@ -87,16 +87,15 @@ def _runner(ql: QuantLinear, m: int):
 def _hadamard_runner(ql: QuantLinear, m: int, tile: tuple):
     """run(fused) for planner.choose_hadamard: ql's online Hadamard + linear on m float16 tokens."""
     from ..runtime import cuda
-    from ..runtime.hadamard import fresh_counters, hadamard_cuda
+    from ..runtime.hadamard import fresh_counters
     dev = ql.device
     x = torch.randn(m, ql.in_features, device=dev, dtype=torch.float16,
                     generator=torch.Generator(device=dev).manual_seed(0))
     gw, groups = ql.group_words_and_count()
     wt, block, counter = ql.tiled_weights(), ql.pre.kernel_block(dev), fresh_counters(m, dev)
-    args = (ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features, ql.pair.a_bits, gw, groups, ql.in_features,
-            ql.act_symmetric, tile)
-    return lambda fused: (cuda.bmma_linear(x, wt, *args, hadamard_block=block, counter=counter) if fused
-                          else cuda.bmma_linear(hadamard_cuda(x, block), wt, *args))
+    return lambda fused: cuda.hadamard_linear(x, wt, ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features,
+                                              ql.pair.a_bits, gw, groups, ql.in_features, ql.act_symmetric, tile,
+                                              block=block, fused=fused, counter=counter)
 
 
 def _hadamard_choice(ql: QuantLinear, m: int, arch: str, tune: bool, tile: tuple) -> dict:

@@ -89,21 +89,26 @@ def hadamard_key(n, kw, group_words, p, q, m, arch, block: int) -> str:
     return plan_key(n, kw, group_words, p, q, m, arch) + f"|h{block}"
 
 
+def _cached_hadamard(key: str) -> dict | None:
+    """The stored Hadamard plan under key if it names a choice ({"fused": bool, ...}), else None."""
+    plan = _load().get(key)
+    return plan if isinstance(plan, dict) and isinstance(plan.get("fused"), bool) else None
+
+
 def hadamard_fused(n, kw, group_words, p, q, m, arch, block: int) -> bool:
     """Whether a linear behind an online Hadamard (dense factor of size `block`) fuses it into the
     activation quantizer: the tuned choice in plans.json, else HADAMARD_FUSED_DEFAULT. Never tunes."""
-    plan = _load().get(hadamard_key(n, kw, group_words, p, q, m, arch, block))
-    fused = plan.get("fused") if isinstance(plan, dict) else None
-    return fused if isinstance(fused, bool) else HADAMARD_FUSED_DEFAULT
+    plan = _cached_hadamard(hadamard_key(n, kw, group_words, p, q, m, arch, block))
+    return HADAMARD_FUSED_DEFAULT if plan is None else plan["fused"]
 
 
 def choose_hadamard(run, n, kw, group_words, p, q, m, arch, block: int, tune: bool = True) -> dict:
     """run(fused: bool) launches the linear with its Hadamard fused or separate. Returns the plan
     {"fused", "us_fused", "us_separate", "tuned"}: cached, timed now (tune) and stored, or the default."""
     key = hadamard_key(n, kw, group_words, p, q, m, arch, block)
-    plans = _load()
-    if isinstance(plans.get(key), dict) and isinstance(plans[key].get("fused"), bool):
-        return plans[key]
+    cached = _cached_hadamard(key)
+    if cached is not None:
+        return cached
     if not tune:
         return {"fused": HADAMARD_FUSED_DEFAULT, "us_fused": None, "us_separate": None, "tuned": False}
     us = {fused: time_us(lambda: run(fused)) for fused in (True, False)}

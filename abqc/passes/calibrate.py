@@ -211,9 +211,9 @@ def _mean_loss(bm: BlockMath, data: dict, rope, weights: BlockWeights, q_fn, opt
     """_block_loss over every calibration sample (batches of opts.batch), averaged: one number to compare
     two settings of a block by."""
     n = data["x_q"].shape[0]
-    total = sum(float(_block_loss(bm, data, torch.arange(i, min(i + opts.batch, n), device=data["x_q"].device),
-                                  rope, weights, q_fn, opts.loss, w_fp)) * (min(i + opts.batch, n) - i)
-                for i in range(0, n, opts.batch))
+    batches = [slice(i, min(i + opts.batch, n)) for i in range(0, n, opts.batch)]
+    total = sum(float(_block_loss(bm, data, b, rope, weights, q_fn, opts.loss, w_fp)) * (b.stop - b.start)
+                for b in batches)
     return total / max(n, 1)
 
 

@@ -529,22 +529,33 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
     if tile[0] == "gemvq" and groups == 1:
         run = GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                             act_symmetric, tile)
-    else:
-        fused = hadamard_block is not None and tile[0] in ("gemv", "bmma") and planner.hadamard_fused(
-            n, groups * group_words, group_words, w_tiled.shape[2], a_bits, x.shape[0], arch, hadamard_block.shape[0])
-        if fused:
-            from .hadamard import fresh_counters
-            counter = fresh_counters(x.shape[0], x.device)
-            return lambda x2: bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
-                                          in_features, act_symmetric, tile, hadamard_block, counter)
-
-        def run(x2):
-            return bmma_linear(x2, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
-                               in_features, act_symmetric, tile)
+        if hadamard_block is None:
+            return run
+        from .hadamard import hadamard_cuda
+        return lambda x2: run(hadamard_cuda(x2, hadamard_block))
+    args = (w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features, act_symmetric, tile)
     if hadamard_block is None:
-        return run
+        return lambda x2: bmma_linear(x2, *args)
+    fused = tile[0] in ("gemv", "bmma") and planner.hadamard_fused(
+        n, groups * group_words, group_words, w_tiled.shape[2], a_bits, x.shape[0], arch, hadamard_block.shape[0])
+    if fused:
+        from .hadamard import fresh_counters
+        counter = fresh_counters(x.shape[0], x.device)
+    else:
+        counter = None
+    return lambda x2: hadamard_linear(x2, *args, block=hadamard_block, fused=fused, counter=counter)
+
+
+def hadamard_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                    group_words: int, groups: int, in_features: int, act_symmetric: bool, tile, *,
+                    block: torch.Tensor, fused: bool, counter: torch.Tensor | None = None) -> torch.Tensor:
+    """bmma_linear of x's online Hadamard (block: its float32 dense factor): fused into the activation
+    quantizer (one launch; counter: that call site's row counters) or as a launch of its own first."""
+    args = (w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features, act_symmetric, tile)
+    if fused:
+        return bmma_linear(x, *args, hadamard_block=block, counter=counter)
     from .hadamard import hadamard_cuda
-    return lambda x2: run(hadamard_cuda(x2, hadamard_block))
+    return bmma_linear(hadamard_cuda(x, block), *args)
 
 
 def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
