@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="
 from abqc.runtime import ops  # noqa: E402
 
 # odd K and N tails, N not a multiple of 8, K < 32, M below and above torch._int_mm's 17 rows
-SHAPES = [(1, 37, 77), (5, 130, 300), (19, 64, 1000), (64, 48, 513), (17, 64, 64), (40, 8, 31), (2, 29, 1000)]
+SHAPES = [(1, 37, 77), (5, 130, 300), (19, 64, 1000), (64, 48, 513), (17, 64, 64), (40, 8, 31), (2, 29, 1000),
+          (150, 141, 600)]   # the last: several INT8 GEMM blocks along M and N
 
 
 @pytest.mark.parametrize("p,q", list(itertools.product(range(1, 9), range(1, 9))))

@@ -202,6 +202,8 @@ def test_int8_family_is_a_candidate_for_per_channel_prefill_only():
     assert ("int8", 0, 0) in planner.candidates(2, 8, 16) and ("int8", 0, 0) in planner.candidates(4, 4, 2048)
     assert ("int8", 0, 0) not in planner.candidates(2, 8, 8)              # decode: the GEMV family's ground
     assert ("int8", 0, 0) not in planner.candidates(2, 8, 512, groups=4)  # grouped weights need per-group sums
+    for m, groups, want in ((16, 1, True), (2048, 1, True), (8, 1, False), (512, 4, False)):   # in-kernel unpack
+        assert (("int8k", 0, 0) in planner.candidates(2, 8, m, groups=groups)) == want
 
 
 def test_gemvq_is_a_tuning_candidate_not_the_default():

@@ -6,9 +6,10 @@ implicitly.
 
 Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
 planes in the MMA N dimension), "gemvq" (the same GEMV build quantizing its activations in-kernel, no
-packing launch) and "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
-torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call, a two-kernel stand-in for
-an in-kernel unpack). A Hopper wgmma b1 family is to compete here when it lands.
+packing launch), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
+torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call) and "int8k" (the same
+codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in shared memory: no int8 weight
+copy, one launch fewer). A Hopper wgmma b1 family is to compete here when it lands.
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
@@ -139,6 +140,7 @@ def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
         out += [(f, wk, mt, u) for f in ("gemv", "gemvq") for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
         out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
+        out.append(("int8k", 0, 0))     # abqc's INT8 GEMM unpacking the bit-planes in-kernel (one tile)
     return out
 
 

@@ -350,7 +350,7 @@ def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     """The INT8 family: y [M, N] (or, integer=True, the int32 accumulators sum_k u_a * u_w [M, N, 1] that the
     bit-plane kernels give) from centred int8 codes of both sides and one torch._int_mm (INT8 tensor cores).
     Per-channel weights only; weights are unpacked to int8 on every call (no int8 copy is kept), or, with
-    in_kernel_unpack, inside abqc's own INT8 GEMM (int8_gemm; not yet chosen by the planner)."""
+    in_kernel_unpack, inside abqc's own INT8 GEMM (int8_gemm; the planner's "int8k" family)."""
     a8, a_sum, a_scale, a_zero = quant_int8(x, a_bits, words, in_features, act_symmetric, INT8_MIN_ROWS)
     if in_kernel_unpack:
         acc = int8_gemm(a8, w_tiled, n, x.shape[0])
@@ -570,13 +570,14 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
                 hadamard_block: torch.Tensor | None = None, counter: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
     (or, for a ("gemvq", ...) tile, one GEMV launch that quantizes in-kernel: gemv_quant; for an
-    ("int8", ...) tile, the INT8 family: int8_linear). hadamard_block (float32 [m, m]): y = W(H x), the
+    ("int8", ...) tile, the INT8 family: int8_linear; "int8k": the same with abqc's in-kernel-unpack INT8
+    GEMM). hadamard_block (float32 [m, m]): y = W(H x), the
     online Hadamard fused into the quantize-and-pack launch (hadamard.hadamard_pack; counter: its row
     counters), or, for the gemvq and INT8 families, a launch of its own before them."""
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
-    if hadamard_block is not None and tile[0] in ("gemvq", "int8"):   # families that quantize x themselves
+    if hadamard_block is not None and tile[0] in ("gemvq", "int8", "int8k"):   # families that quantize x themselves
         from .hadamard import hadamard_cuda
         x, hadamard_block = hadamard_cuda(x, hadamard_block), None
     if tile[0] == "gemvq":
@@ -584,11 +585,11 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
             raise ValueError("the gemvq family serves per-channel weights only")
         return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                           act_symmetric, tile)
-    if tile[0] == "int8":
+    if tile[0] in ("int8", "int8k"):
         if groups != 1:
-            raise ValueError("the int8 family serves per-channel weights only")
+            raise ValueError(f"the {tile[0]} family serves per-channel weights only")
         return int8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
-                           act_symmetric)
+                           act_symmetric, in_kernel_unpack=tile[0] == "int8k")
     if hadamard_block is None:
         packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
     else:
