@@ -48,6 +48,18 @@ class SharedInputLinear(nn.Module):
             self._x = self._y = None
         return y
 
+    def take_traced(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """take() as torch.compile traces it: member 0 computes the fused output and leaves it on the module,
+        the later members (called after it on the same input, as a decoder layer does) slice it, and the
+        last one clears it. Dynamo records the attribute writes as side effects of the traced frame, so the
+        fused kernel runs once per layer in the compiled graph too."""
+        if i == 0 or self._y is None:
+            self._y = self.linear(x)
+        y = self._y[..., self.offsets[i]:self.offsets[i] + self.widths[i]]
+        if i == len(self.widths) - 1:
+            self._y = None
+        return y
+
     def extra_repr(self) -> str:
         return f"fuses {', '.join(self.names)}"
 
@@ -62,6 +74,8 @@ class ProjectionSlice(nn.Module):
         self.in_features, self.out_features = shared.linear.in_features, shared.widths[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.shared.take_traced(x, self.index)
         return self.shared.take(x, self.index)
 
     def extra_repr(self) -> str:

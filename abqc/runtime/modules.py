@@ -196,7 +196,16 @@ class QuantLinear(nn.Module):
         """Whether the CUDA kernels apply self.pre themselves (an online Hadamard fused into the quantizer)."""
         return isinstance(self.pre, OnlineHadamard) and x.is_cuda and not self.pair.weight_only
 
-    @torch.compiler.disable   # driver launches through ctypes: torch.compile graphs break here, by design
+    def _tiled_op(self, x2: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the same launches as _cuda_linear as one abqc::tiled_linear node, so the
+        model around it compiles as one graph (a graph break per linear left Inductor unfused pieces and
+        eager ops between them). Inputs with an online Hadamard (self.pre) still break the graph there."""
+        gw, groups = self.group_words_and_count()
+        return ops.tiled_linear(x2, self.tiled_weights(), self.w_scale, self.w_zero, self.w_sum, self.bias,
+                                self.out_features, self.pair.a_bits, gw, groups, self.in_features,
+                                self.act_symmetric, ops.tile_string(self.tile))
+
+    @torch.compiler.disable   # driver launches through ctypes (eager: prepared launchers, Python state)
     def _cuda_linear(self, x2: torch.Tensor, fused_pre: bool = False) -> torch.Tensor:
         from ..codegen import planner
         from . import cuda
@@ -253,7 +262,10 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.is_cuda and not self.pair.weight_only:
-            y = self._cuda_linear(x2, fused_pre)
+            if torch.compiler.is_compiling() and self.pre is None:
+                y = self._tiled_op(x2)
+            else:
+                y = self._cuda_linear(x2, fused_pre)
         elif self.pair.weight_only:
             y = ops.wq_linear(x2, self.w_planes, self.w_scale, self.w_zero, self.bias,
                               self.group_size, self.in_features)

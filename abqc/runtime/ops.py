@@ -3,6 +3,8 @@
   abqc::bitplane_mm   integer core: bit-planes x bit-planes -> int32 accumulators per K group
   abqc::wpaq_linear   W(p)A(q) linear: per-token activation quantization, bitplane_mm, epilogue
   abqc::wq_linear     weight-only (A16) linear: dequantize packed weights, float matmul
+  abqc::tiled_linear  W(p)A(q) linear on the GPU kernels' tiled weight layout: what QuantLinear runs on
+                      CUDA under torch.compile (an opaque op in the graph instead of a graph break)
 
 The CPU kernels are the reference. A CUDA kernel registers itself on the same op names
 (`torch.library.register_kernel`), so compiled modules dispatch by the tensors' device.
@@ -173,3 +175,27 @@ def wq_linear(x: torch.Tensor, w_planes: torch.Tensor, w_scale: torch.Tensor, w_
 @wq_linear.register_fake
 def _(x, w_planes, w_scale, w_zero, bias, group_size, in_features):
     return x.new_empty(x.shape[0], w_planes.shape[1])
+
+
+def tile_string(tile) -> str | None:
+    """A launch tile as abqc::tiled_linear takes it ("gemv,8,1,4"); None stays None."""
+    return None if tile is None else ",".join(str(v) for v in tile)
+
+
+@torch.library.custom_op("abqc::tiled_linear", mutates_args=())
+def tiled_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                 w_sum: torch.Tensor, bias: Optional[torch.Tensor], n: int, a_bits: int, group_words: int,
+                 groups: int, in_features: int, act_symmetric: bool, tile: Optional[str]) -> torch.Tensor:
+    """y [M, N] of x [M, K] and tiled weight planes (codegen.layout.tile_weights). CUDA: the planner's (or
+    `tile`'s: "family,wk,tm[,channel tiles]") kernels, as runtime.cuda.bmma_linear; CPU: the reference on
+    the untiled planes (the same integers). torch.compile keeps it as one node: the launches happen when the
+    compiled graph runs, and the rest of the model fuses around it."""
+    from ..codegen.layout import untile_weights
+    planes = untile_weights(w_tiled, n, groups * group_words, group_words)
+    return wpaq_linear(x, planes, w_scale, w_zero, w_sum, bias, a_bits,
+                       group_words * 32 if groups > 1 else in_features, in_features, act_symmetric)
+
+
+@tiled_linear.register_fake
+def _(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features, act_symmetric, tile):
+    return x.new_empty(x.shape[0], n)

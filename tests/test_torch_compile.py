@@ -1,0 +1,87 @@
+"""torch.compile over abqc models: no graph break at the quantized linears (CPU: the reference op; CUDA:
+abqc::tiled_linear), fused projections computed once per layer, outputs equal to eager."""
+import pytest
+import torch
+
+import abqc
+from abqc.runtime import QuantLinear, ops
+from conftest import tiny_model
+
+RTN = ["rtn", "lower"]
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="eager", fullgraph=True)     # fullgraph: a graph break is an error
+
+
+@pytest.mark.parametrize("bits", ["w2a8", "w4a4g32"])
+def test_tiled_op_traces_and_equals_the_module(bits):
+    q = abqc.compile(tiny_model(), bits=bits, passes=RTN, progress=False)
+    ql = q.model.model.layers[0].mlp.down_proj
+    assert isinstance(ql, QuantLinear)
+    x = torch.randn(3, ql.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ql(x)                       # CPU: abqc::wpaq_linear on the canonical planes
+        got = _compiled(ql._tiled_op)(x)   # what a compiled CUDA forward runs, here on its CPU reference
+    assert torch.equal(got, want)
+
+
+def test_tiled_op_shape_from_its_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q = abqc.compile(tiny_model(), bits="w2a8", passes=RTN, progress=False)
+    ql = q.model.model.layers[0].self_attn.o_proj
+    gw, groups = ql.group_words_and_count()
+    wt = ql.tiled_weights()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = ops.tiled_linear(torch.empty(5, ql.in_features, dtype=torch.float16), wt, ql.w_scale, ql.w_zero,
+                             ql.w_sum, None, ql.out_features, 8, gw, groups, ql.in_features, False, "gemv,8,1,4")
+    assert y.shape == (5, ql.out_features) and y.dtype == torch.float16
+
+
+def test_tile_strings_round_trip():
+    from abqc.runtime import cuda
+    for tile in (("gemv", 8, 1, 4), ("int8k", 0, 0), ("bmma", 2, 1)):
+        assert cuda.parse_tile(ops.tile_string(tile)) == tile
+    assert ops.tile_string(None) is None and cuda.parse_tile(None) is None
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_whole_model_compiles_as_one_graph_and_matches_eager(fuse):
+    q = abqc.compile(tiny_model(), bits="w2a8", passes=RTN, progress=False)
+    if fuse:
+        q.fuse_projections()
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    calls = [0]
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+             for m in q.modules() if type(m) is QuantLinear]
+    with torch.no_grad():
+        want = q.model(ids).logits
+        eager_calls, calls[0] = calls[0], 0
+        got = _compiled(lambda t: q.model(t).logits)(ids)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got, want)
+    assert calls[0] == eager_calls == 2 * (4 if fuse else 7)     # traced once: the fused linear once per group
+    if fuse:
+        assert all(m._y is None for m in q.modules() if hasattr(m, "take_traced"))   # nothing left behind
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cuda_model_compiles_as_one_graph_with_the_same_kernels(fuse):
+    from abqc.runtime import cuda
+    if not cuda.available():
+        pytest.skip("needs cuda-bindings")
+    q = abqc.compile(tiny_model(), bits="w2a8", passes=RTN, progress=False).to("cuda")
+    if fuse:
+        q.fuse_projections()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        want = q.model(ids).logits
+        got = _compiled(lambda t: q.model(t).logits)(ids)      # abqc::tiled_linear nodes, no graph break
+        torch._dynamo.reset()
+        inductor = torch.compile(lambda t: q.model(t).logits, fullgraph=True)(ids)
+    assert torch.equal(got, want)          # the same launches, the same bits
+    torch.testing.assert_close(inductor, want, atol=2e-3, rtol=2e-3)   # Inductor's own norms/rotary: FP rounding
