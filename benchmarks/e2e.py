@@ -543,7 +543,7 @@ def bench(args, device: torch.device, dtype: torch.dtype, shape: Shape, command:
             if args.profile and b in args.profile and device.type == "cuda":
                 try:
                     prof = profile_decode(model, prompts[b].to(device))
-                    profiles.append({"impl": impl, "batch": b, "gpu": base["gpu"], **prof})
+                    profiles.append({"impl": impl, "batch": b, "gpu": base["gpu"], "note": build_note, **prof})
                     write_profile(profiles, out)
                 except Exception as e:   # the profile is extra: never lose the timings for it
                     log(f"profile of {impl} batch {b} failed: {_line(e)}")

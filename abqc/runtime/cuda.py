@@ -619,12 +619,6 @@ def register() -> None:
         return bmma_linear(x, wt, w_scale, w_zero, w_sum, bias, w_planes.shape[1], a_bits, gw, kp // (gw * 32),
                            in_features, act_symmetric)
 
-    @torch.library.register_kernel("abqc::tiled_linear", "cuda")
-    def _tiled_linear_cuda(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features,
-                           act_symmetric, tile):
-        return bmma_linear(x.contiguous(), w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups,
-                           in_features, act_symmetric, tile=parse_tile(tile))
-
     _REGISTERED["done"] = True
 
 

@@ -190,6 +190,11 @@ def tiled_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale: torch.Tensor, 
     `tile`'s: "family,wk,tm[,channel tiles]") kernels, as runtime.cuda.bmma_linear; CPU: the reference on
     the untiled planes (the same integers). torch.compile keeps it as one node: the launches happen when the
     compiled graph runs, and the rest of the model fuses around it."""
+    if x.is_cuda:   # dispatched here, not by register_kernel: a compiled graph may run before cuda.register()
+        from . import cuda
+        cuda.register()
+        return cuda.bmma_linear(x.contiguous(), w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words,
+                                groups, in_features, act_symmetric, tile=cuda.parse_tile(tile))
     from ..codegen.layout import untile_weights
     planes = untile_weights(w_tiled, n, groups * group_words, group_words)
     return wpaq_linear(x, planes, w_scale, w_zero, w_sum, bias, a_bits,
