@@ -27,6 +27,20 @@ def test_tiled_op_traces_and_equals_the_module(bits):
     assert torch.equal(got, want)
 
 
+def test_tiled_op_traces_a_tiles_only_module(monkeypatch):
+    # on CUDA a QuantLinear holds only the tiles (w_planes is None): the traced forward must read them as is
+    q = abqc.compile(tiny_model(), bits="w4a8", passes=RTN, progress=False)
+    ql = q.model.model.layers[1].self_attn.o_proj
+    x = torch.randn(4, ql.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ql(x)
+        monkeypatch.setattr(QuantLinear, "keeps_tiles_only", staticmethod(lambda device: True))
+        ql._retile()
+        assert ql._tiles_only()
+        got = _compiled(ql._tiled_op)(x)
+    assert torch.equal(got, want) and ql._tiles_only()      # traced without re-tiling or restoring planes
+
+
 def test_tiled_op_shape_from_its_fake_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
     q = abqc.compile(tiny_model(), bits="w2a8", passes=RTN, progress=False)
