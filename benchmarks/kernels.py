@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
 FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
 
-    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv bmma int8 int8k]
+    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv bmma int8 int8k fp8]
 
 Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
 of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
@@ -43,7 +43,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B lin
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 DOWN_K = 11008                                          # down_proj input: where rotation puts an online Hadamard
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
-FAMILIES = ("gemvq", "gemv", "bmma", "int8", "int8k")
+FAMILIES = ("gemvq", "gemv", "bmma", "int8", "int8k", "fp8")
 
 
 def copy_bandwidth() -> float:
@@ -135,7 +135,7 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         tile = tuple(plan["tile"])
     else:
         timed = []
-        for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups):
+        for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups, include_disabled=True):
             if t[0] == family:
                 try:
                     timed.append((planner.time_us(lambda: call(next(copy), t)), t))
@@ -148,10 +148,11 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
     # breakdown: the activation quantizer alone, and the rest (GEMM; for int8: unpack + _int_mm + epilogue)
     if tile[0] == "gemvq":
         note = "activation quantization inside the GEMV (one launch)"
-    elif tile[0] in ("int8", "int8k"):
+    elif tile[0] in ("int8", "int8k", "fp8"):
         pack_us = planner.time_us(lambda: rcuda.quant_int8(x, pair.a_bits, gw, ql.in_features, False,
                                                             rcuda.INT8_MIN_ROWS))
-        gemm = "abqc INT8 GEMM unpacking in-kernel" if tile[0] == "int8k" else "unpack + _int_mm"
+        gemm = {"int8k": "abqc INT8 GEMM unpacking in-kernel", "fp8": "unpack + FP8 _scaled_mm"}.get(
+            tile[0], "unpack + _int_mm")
         note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, {gemm} + epilogue " \
                f"{us - pack_us:.1f} us"
     else:

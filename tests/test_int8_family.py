@@ -41,6 +41,7 @@ def test_int8_family_exact_all_pairs(p, q):
         assert torch.equal(w8[:n, :k], uw - 2 ** (p - 1)) and not w8[n:].any() and not w8[:, k:].any()
         w_sum = uw.sum(1, keepdim=True).int().cuda()
         ones = torch.ones(n, 1, device="cuda")
+        ws = torch.rand(n, 1, generator=gen).add(0.5).cuda()      # weight scales: the float epilogue too
         zeros = torch.zeros(n, 1, dtype=torch.int32, device="cuda")
         got = cuda.int8_linear(x.cuda(), wt, ones, zeros, w_sum, None, n, q, words, k, symmetric, integer=True)
         assert torch.equal(got.cpu().long(), int64_group_matmul(up[:, :k].long(), uw, words * 32)), (m, n, k)
@@ -48,5 +49,16 @@ def test_int8_family_exact_all_pairs(p, q):
         acc = cuda.int8_gemm(codes, wt, n, m)
         assert torch.equal(acc, torch._int_mm(codes, cuda.int8_weights(wt, n, k, words).t())[:m, :n]), (m, n, k)
         fused = cuda.int8_linear(x.cuda(), wt, ones, zeros, w_sum, None, n, q, words, k, symmetric, integer=True,
-                                 in_kernel_unpack=True)
+                                 gemm="int8k")
         assert torch.equal(fused, got), (m, n, k)
+        if cuda.fp8_applicable(p, q, torch.device("cuda")):
+            # the FP8 family: the same centred codes as float8_e4m3fn on torch._scaled_mm, exact integers
+            rows = -(-m // cuda.FP8_ROWS) * cuda.FP8_ROWS
+            acc8 = cuda.fp8_gemm(cuda.quant_int8(x.cuda(), q, words, k, symmetric, rows)[0],
+                                 cuda.int8_weights(wt, n, k, words, cuda.FP8_ROWS))
+            assert torch.equal(acc8[:m, :n].long(), acc.long()), (m, n, k)
+            for integer in (True, False):
+                want = cuda.int8_linear(x.cuda(), wt, ws, zeros, w_sum, None, n, q, words, k, symmetric,
+                                        integer=integer)
+                assert torch.equal(cuda.int8_linear(x.cuda(), wt, ws, zeros, w_sum, None, n, q, words, k, symmetric,
+                                                    integer=integer, gemm="fp8"), want), (m, n, k, integer)

@@ -289,3 +289,32 @@ def test_online_hadamard_choice_default_and_from_plans_json(cache):
     assert d128["hadamard"] == "separate (the family quantizes in-kernel)"
     page = render(json.loads(q.write_report(cache / "out").read_text())).split("<h2>Kernel configs chosen</h2>")[1]
     assert "online Hadamard" in page and "fused (fused 4.50 / separate 6.25 µs)" in page
+
+
+def test_fp8_gemm_is_exact_for_centred_codes_on_the_cpu():
+    # the FP8 family's arithmetic (torch._scaled_mm's CPU kernel here; the GPU's is checked in test_int8_family)
+    from abqc.runtime import cuda
+    gen = torch.Generator().manual_seed(8)
+    for bits in range(1, cuda.FP8_MAX_BITS + 1):
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+        a8 = torch.randint(lo, hi, (32, 96), generator=gen, dtype=torch.int8)
+        w8 = torch.randint(lo, hi, (16, 96), generator=gen, dtype=torch.int8)
+        assert torch.equal(cuda.fp8_gemm(a8, w8).long(), a8.long() @ w8.long().T), bits
+    big = torch.full((16, 11008), -16, dtype=torch.int8)        # the largest sum a LLaMA-7B K can reach
+    assert cuda.fp8_gemm(big, big)[0, 0].item() == 256 * 11008
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cuda.fp8_gemm(torch.zeros(17, 32, dtype=torch.int8), torch.zeros(16, 32, dtype=torch.int8))
+
+
+def test_fp8_family_is_a_candidate_only_when_enabled_and_exact(monkeypatch):
+    from abqc.codegen import planner
+    from abqc.runtime import cuda
+    assert planner.FP8_MAX_BITS == cuda.FP8_MAX_BITS
+    monkeypatch.setattr(planner, "FP8_FAMILY_ENABLED", True)
+    assert ("fp8", 0, 0) in planner.candidates(4, 4, 2048) and ("fp8", 0, 0) in planner.candidates(2, 5, 16)
+    assert ("fp8", 0, 0) not in planner.candidates(2, 8, 2048)          # 8-bit codes are not exact in e4m3
+    assert ("fp8", 0, 0) not in planner.candidates(4, 4, 8)             # decode: the GEMV family's ground
+    assert ("fp8", 0, 0) not in planner.candidates(4, 4, 512, groups=4)
+    monkeypatch.setattr(planner, "FP8_FAMILY_ENABLED", False)
+    assert not any(c[0] == "fp8" for c in planner.candidates(4, 4, 2048))
+    assert ("fp8", 0, 0) in planner.candidates(4, 4, 2048, include_disabled=True)    # benchmarks time it anyway

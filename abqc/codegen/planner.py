@@ -7,9 +7,10 @@ implicitly.
 Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
 planes in the MMA N dimension), "gemvq" (the same GEMV build quantizing its activations in-kernel, no
 packing launch), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
-torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call) and "int8k" (the same
+torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call), "int8k" (the same
 codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in shared memory: no int8 weight
-copy, one launch fewer). A Hopper wgmma b1 family is to compete here when it lands.
+copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
+FP8 tensor cores run ~1.5x torch._int_mm; off until GPU-verified, FP8_FAMILY_ENABLED). A Hopper wgmma b1 family is to compete here when it lands.
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
@@ -41,6 +42,11 @@ WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 # plain packer: each fused block recomputes a share of the dense factor and the row's last block packs it.
 HADAMARD_FUSED_DEFAULT = False
 INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
+# The FP8 family (runtime.cuda.fp8_gemm) is exact only where the tensor cores accumulate these small integers
+# in full float32; it joins the candidates once tests/test_int8_family.py's FP8 checks have passed on a GPU
+# (built after this session's last device call: not yet).
+FP8_FAMILY_ENABLED = False
+FP8_MAX_BITS = 5      # runtime.cuda.FP8_MAX_BITS (centred codes exact in float8_e4m3fn)
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 _GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone
@@ -131,8 +137,9 @@ def _store(key: str, plan: dict) -> None:
             pass
 
 
-def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
-    """(family, warps splitting K, token tiles) worth timing for this shape."""
+def candidates(p: int, q: int, m: int, groups: int = 1, include_disabled: bool = False) -> list[tuple]:
+    """(family, warps splitting K, token tiles) worth timing for this shape; include_disabled: also the
+    families not yet enabled for tuning (benchmarks time them separately)."""
     tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
     out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
     mt = gemv_tokens(m, p, q)
@@ -141,6 +148,8 @@ def candidates(p: int, q: int, m: int, groups: int = 1) -> list[tuple]:
     if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
         out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
         out.append(("int8k", 0, 0))     # abqc's INT8 GEMM unpacking the bit-planes in-kernel (one tile)
+        if (FP8_FAMILY_ENABLED or include_disabled) and p <= FP8_MAX_BITS and q <= FP8_MAX_BITS:
+            out.append(("fp8", 0, 0))   # the same codes as float8_e4m3fn on torch._scaled_mm (sm_89+)
     return out
 
 

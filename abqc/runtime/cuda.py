@@ -59,7 +59,8 @@ class _Int8EpiArgs(ctypes.Structure):
                 ("K", ctypes.c_int), ("ca", ctypes.c_int), ("cw", ctypes.c_int),
                 ("w_scale", ctypes.c_void_p), ("w_zero", ctypes.c_void_p), ("w_sum", ctypes.c_void_p),
                 ("a_scale", ctypes.c_void_p), ("a_zero", ctypes.c_void_p), ("a8_sum", ctypes.c_void_p),
-                ("a_parts", ctypes.c_int), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int)]
+                ("a_parts", ctypes.c_int), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("mode", ctypes.c_int),
+                ("acc_f32", ctypes.c_int)]
 
 
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -300,16 +301,16 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows)
 INT8_MIN_ROWS = 17   # torch._int_mm on CUDA needs more than 16 rows: fewer tokens are padded with zero rows
 
 
-def int8_weights(w_tiled: torch.Tensor, n: int, in_features: int, words: int) -> torch.Tensor:
-    """Tiled per-channel weight planes -> centred int8 codes [roundup(N, 8), words*32] (u - 2^(P-1); zero
-    past K and in rows >= N, which pad N to torch._int_mm's multiple of 8)."""
+def int8_weights(w_tiled: torch.Tensor, n: int, in_features: int, words: int, row_multiple: int = 8) -> torch.Tensor:
+    """Tiled per-channel weight planes -> centred int8 codes [roundup(N, row_multiple), words*32]
+    (u - 2^(P-1); zero past K and in rows >= N, which pad N to torch._int_mm's multiple of 8)."""
     require_cuda("abqc.runtime.cuda.int8_weights()", w_tiled)
     nt, steps, p = w_tiled.shape[:3]
     sg = layout.steps_per_group(words)
     if steps != sg or nt * 16 < n:
         raise ValueError("the INT8 family serves per-channel weights: tiled weights do not match one K group")
     dev = w_tiled.device
-    rows = -(-n // 8) * 8
+    rows = -(-n // row_multiple) * row_multiple
     w8 = torch.empty(rows, words * 32, dtype=torch.int8, device=dev)
     if rows > n:
         w8[n:].zero_()
@@ -344,26 +345,65 @@ def int8_gemm(a8: torch.Tensor, w_tiled: torch.Tensor, n: int, m: int | None = N
     return acc
 
 
+FP8_MAX_BITS = 5   # centred codes of up to 5 bits (-16..15) are exact in float8_e4m3fn (3 mantissa bits)
+FP8_ROWS = 16      # torch._scaled_mm's operands: rows of both padded to a multiple of this
+
+
+def fp8_applicable(p: int, q: int, device: torch.device) -> bool:
+    """Whether the FP8 family can serve W(p)A(q) here: both sides' centred codes exact in e4m3, FP8 tensor
+    cores (sm_89+) and torch._scaled_mm present."""
+    return (p <= FP8_MAX_BITS and q <= FP8_MAX_BITS and hasattr(torch, "float8_e4m3fn")
+            and hasattr(torch, "_scaled_mm") and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_gemm(a8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+    """float32 [Ma, Nw] = a8 @ w8^T for centred int8 codes of at most FP8_MAX_BITS bits, as float8_e4m3fn on
+    torch._scaled_mm (unit scales, float32 out, no fast accumulation). Every product and partial sum is an
+    integer far below 2^24, so float32 holds the exact sum wherever the tensor cores accumulate in full
+    float32 (checked bit for bit against torch._int_mm by tests/test_int8_family.py on the GPU).
+    Rows of a8 and w8: multiples of FP8_ROWS; columns: a multiple of 16 (zero past K on at least one side)."""
+    if a8.shape[0] % FP8_ROWS or w8.shape[0] % FP8_ROWS or a8.shape[1] % 16 or a8.shape[1] != w8.shape[1]:
+        raise ValueError(f"fp8_gemm needs int8 codes [Ma, K] and [Nw, K] with Ma, Nw multiples of {FP8_ROWS} and "
+                         f"K of 16, got {tuple(a8.shape)} and {tuple(w8.shape)}")
+    one = torch.ones((), dtype=torch.float32, device=a8.device)
+    return torch._scaled_mm(a8.to(torch.float8_e4m3fn), w8.to(torch.float8_e4m3fn).t(), scale_a=one, scale_b=one,
+                            out_dtype=torch.float32, use_fast_accum=False)
+
+
+INT8_GEMMS = ("int_mm", "int8k", "fp8")
+
+
 def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 words: int, in_features: int, act_symmetric: bool, integer: bool = False,
-                in_kernel_unpack: bool = False) -> torch.Tensor:
+                gemm: str = "int_mm") -> torch.Tensor:
     """The INT8 family: y [M, N] (or, integer=True, the int32 accumulators sum_k u_a * u_w [M, N, 1] that the
-    bit-plane kernels give) from centred int8 codes of both sides and one torch._int_mm (INT8 tensor cores).
-    Per-channel weights only; weights are unpacked to int8 on every call (no int8 copy is kept), or, with
-    in_kernel_unpack, inside abqc's own INT8 GEMM (int8_gemm; the planner's "int8k" family)."""
-    a8, a_sum, a_scale, a_zero = quant_int8(x, a_bits, words, in_features, act_symmetric, INT8_MIN_ROWS)
-    if in_kernel_unpack:
-        acc = int8_gemm(a8, w_tiled, n, x.shape[0])
+    bit-plane kernels give) from centred int8 codes of both sides and one integer GEMM, then an epilogue
+    that undoes the centring. Per-channel weights only. gemm: "int_mm" (torch._int_mm on the INT8 tensor
+    cores, weights unpacked to int8 on every call, no int8 copy kept), "int8k" (abqc's own INT8 GEMM that
+    unpacks the bit-planes in shared memory: int8_gemm) or "fp8" (the same codes as float8_e4m3fn on
+    torch._scaled_mm, exact for p, q <= FP8_MAX_BITS: fp8_gemm)."""
+    if gemm not in INT8_GEMMS:
+        raise ValueError(f"gemm must be one of {INT8_GEMMS}, got {gemm!r}")
+    m, dev, p = x.shape[0], x.device, w_tiled.shape[2]
+    if gemm == "fp8" and not fp8_applicable(p, a_bits, dev):
+        raise ValueError(f"the fp8 family serves W{p}A{a_bits} only with p, q <= {FP8_MAX_BITS} on an sm_89+ GPU")
+    rows = -(-max(m, 1) // FP8_ROWS) * FP8_ROWS if gemm == "fp8" else INT8_MIN_ROWS
+    a8, a_sum, a_scale, a_zero = quant_int8(x, a_bits, words, in_features, act_symmetric, rows)
+    if gemm == "int8k":
+        acc = int8_gemm(a8, w_tiled, n, m)
+    elif gemm == "fp8":
+        acc = fp8_gemm(a8, int8_weights(w_tiled, n, in_features, words, FP8_ROWS))
     else:
         acc = torch._int_mm(a8, int8_weights(w_tiled, n, in_features, words).t())
-    m, dev, p = x.shape[0], x.device, w_tiled.shape[2]
     out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if integer
            else torch.empty(m, n, dtype=x.dtype, device=dev))
     if m == 0 or n == 0:
         return out
     args = _Int8EpiArgs(acc.data_ptr(), m, n, acc.shape[1], in_features, 1 << (a_bits - 1), 1 << (p - 1),
                         _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), _ptr(a_scale), _ptr(a_zero), _ptr(a_sum),
-                        a_sum.shape[1], _ptr(bias), out.data_ptr(), 0 if integer else _DTYPE_CODE[x.dtype])
+                        a_sum.shape[1], _ptr(bias), out.data_ptr(), 0 if integer else _DTYPE_CODE[x.dtype],
+                        int(acc.dtype == torch.float32))
     _, fn = function(_config("int8_epilogue", 8, 0, 1, arch_of(dev)), dev)
     _launch(fn, (-(-m * n // 256), 1), 256, 0, args, dev)
     return out
@@ -565,19 +605,22 @@ def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
             "a_sum": a_sum, "bias": bias}
 
 
+_INT8_FAMILY_GEMM = {"int8": "int_mm", "int8k": "int8k", "fp8": "fp8"}   # planner family -> int8_linear's gemm
+
+
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None,
                 hadamard_block: torch.Tensor | None = None, counter: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
     (or, for a ("gemvq", ...) tile, one GEMV launch that quantizes in-kernel: gemv_quant; for an
-    ("int8", ...) tile, the INT8 family: int8_linear; "int8k": the same with abqc's in-kernel-unpack INT8
-    GEMM). hadamard_block (float32 [m, m]): y = W(H x), the
+    ("int8", ...) tile, the INT8 family: int8_linear; "int8k" / "fp8": the same codes through abqc's
+    in-kernel-unpack INT8 GEMM / FP8 torch._scaled_mm). hadamard_block (float32 [m, m]): y = W(H x), the
     online Hadamard fused into the quantize-and-pack launch (hadamard.hadamard_pack; counter: its row
     counters), or, for the gemvq and INT8 families, a launch of its own before them."""
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
-    if hadamard_block is not None and tile[0] in ("gemvq", "int8", "int8k"):   # families that quantize x themselves
+    if hadamard_block is not None and (tile[0] == "gemvq" or tile[0] in _INT8_FAMILY_GEMM):   # they quantize x themselves
         from .hadamard import hadamard_cuda
         x, hadamard_block = hadamard_cuda(x, hadamard_block), None
     if tile[0] == "gemvq":
@@ -585,11 +628,11 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
             raise ValueError("the gemvq family serves per-channel weights only")
         return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                           act_symmetric, tile)
-    if tile[0] in ("int8", "int8k"):
+    if tile[0] in _INT8_FAMILY_GEMM:
         if groups != 1:
             raise ValueError(f"the {tile[0]} family serves per-channel weights only")
         return int8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
-                           act_symmetric, in_kernel_unpack=tile[0] == "int8k")
+                           act_symmetric, gemm=_INT8_FAMILY_GEMM[tile[0]])
     if hadamard_block is None:
         packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
     else:
