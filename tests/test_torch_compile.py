@@ -53,6 +53,26 @@ def test_tiled_op_shape_from_its_fake_kernel():
     assert y.shape == (5, ql.out_features) and y.dtype == torch.float16
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_whole_model_through_the_tiled_op_under_aot_autograd(fuse, monkeypatch):
+    # the compiled CUDA path (abqc::tiled_linear nodes, fused groups traced once) run on the op's CPU body,
+    # through AOTAutograd's functionalization and the op's fake kernel
+    q = abqc.compile(tiny_model(), bits="w4a8", passes=RTN, progress=False)
+    if fuse:
+        q.fuse_projections()
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = q.model(ids).logits
+        monkeypatch.setattr(QuantLinear, "_runs_kernels", lambda self, x: not self.pair.weight_only)
+        calls = []
+        real = ops.tiled_linear
+        monkeypatch.setattr(ops, "tiled_linear", lambda *a: calls.append(a[6]) or real(*a))
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: q.model(t).logits, backend="aot_eager", fullgraph=True)(ids)
+    assert torch.equal(got, want)
+    assert len(calls) == 2 * (4 if fuse else 7)      # traced once per linear (fused: once per group)
+
+
 def test_tile_strings_round_trip():
     from abqc.runtime import cuda
     for tile in (("gemv", 8, 1, 4), ("int8k", 0, 0), ("bmma", 2, 1)):

@@ -196,6 +196,10 @@ class QuantLinear(nn.Module):
         """Whether the CUDA kernels apply self.pre themselves (an online Hadamard fused into the quantizer)."""
         return isinstance(self.pre, OnlineHadamard) and x.is_cuda and not self.pair.weight_only
 
+    def _runs_kernels(self, x2: torch.Tensor) -> bool:
+        """Whether this input goes to abqc's GPU kernels (CUDA, activations quantized) or to the CPU ops."""
+        return x2.is_cuda and not self.pair.weight_only
+
     def _tiled_op(self, x2: torch.Tensor) -> torch.Tensor:
         """Under torch.compile: the same launches as _cuda_linear as one abqc::tiled_linear node, so the
         model around it compiles as one graph (a graph break per linear left Inductor unfused pieces and
@@ -261,7 +265,7 @@ class QuantLinear(nn.Module):
             x = self.pre(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and not self.pair.weight_only:
+        if self._runs_kernels(x2):
             if torch.compiler.is_compiling() and self.pre is None:
                 y = self._tiled_op(x2)
             else:
