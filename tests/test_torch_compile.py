@@ -73,6 +73,21 @@ def test_whole_model_through_the_tiled_op_under_aot_autograd(fuse, monkeypatch):
     assert len(calls) == 2 * (4 if fuse else 7)      # traced once per linear (fused: once per group)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_rotated_model_compiles_as_one_graph(tiled, monkeypatch):
+    # down_proj behind an online Hadamard: abqc::hadamard then the linear, no graph break
+    q = abqc.compile(tiny_model(), bits="w4a8", passes=["rotate", "rtn", "lower"], progress=False)
+    assert any(getattr(m, "pre", None) is not None for m in q.modules() if type(m) is QuantLinear)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = q.model(ids).logits
+        if tiled:     # the compiled CUDA path, on the op's CPU body
+            monkeypatch.setattr(QuantLinear, "_runs_kernels", lambda self, x: not self.pair.weight_only)
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: q.model(t).logits, backend="aot_eager", fullgraph=True)(ids)
+    assert torch.equal(got, want)
+
+
 def test_tile_strings_round_trip():
     from abqc.runtime import cuda
     for tile in (("gemv", 8, 1, 4), ("int8k", 0, 0), ("bmma", 2, 1)):
@@ -124,3 +139,17 @@ def test_cuda_model_compiles_as_one_graph_with_the_same_kernels(fuse):
     # float rounding, not the linears, so the whole model is compared to a tolerance
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(inductor, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rotated_linear_compiles_to_the_same_bits():
+    from abqc.runtime import cuda
+    if not cuda.available():
+        pytest.skip("needs cuda-bindings")
+    q = abqc.compile(tiny_model(), bits="w4a8", passes=["rotate", "rtn", "lower"], progress=False).to("cuda")
+    ql = q.model.model.layers[0].mlp.down_proj
+    assert ql.pre is not None
+    x = torch.randn(3, ql.in_features, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(_compiled(ql)(x), ql(x))     # abqc::hadamard + abqc::tiled_linear == eager launches

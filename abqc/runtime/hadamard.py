@@ -431,8 +431,12 @@ class OnlineHadamard(nn.Module):
         return got[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CUDA: the kernel computes in float32 anyway, so hand it the cached float32 block (no cast per call)
-        return hadamard(x, self.kernel_block(x.device) if x.is_cuda else self.block)
+        # CUDA: the kernel computes in float32 anyway, so hand it the cached float32 block (no cast per call).
+        # Under torch.compile the op takes the block as it is and casts it per call (the cache keys on
+        # data_ptr, which would break the graph); the same float32 values, so the same bits.
+        if x.is_cuda and not torch.compiler.is_compiling():
+            return hadamard(x, self.kernel_block(x.device))
+        return hadamard(x, self.block)
 
     def extra_repr(self) -> str:
         pow2, m, kind = factorize(self.n)

@@ -203,7 +203,8 @@ class QuantLinear(nn.Module):
     def _tiled_op(self, x2: torch.Tensor) -> torch.Tensor:
         """Under torch.compile: the same launches as _cuda_linear as one abqc::tiled_linear node, so the
         model around it compiles as one graph (a graph break per linear left Inductor unfused pieces and
-        eager ops between them). Inputs with an online Hadamard (self.pre) still break the graph there."""
+        eager ops between them). An online Hadamard (self.pre) runs before it as its own abqc::hadamard
+        node, whatever the planner chose for eager calls (the same bits either way)."""
         gw, groups = self.group_words_and_count()
         return ops.tiled_linear(x2, self.tiled_weights(), self.w_scale, self.w_zero, self.w_sum, self.bias,
                                 self.out_features, self.pair.a_bits, gw, groups, self.in_features,
@@ -260,16 +261,14 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused_pre = self._fused_pre(x)
+        compiling = torch.compiler.is_compiling()
+        fused_pre = self._fused_pre(x) and not compiling   # compiled: the online Hadamard is its own op
         if self.pre is not None and not fused_pre:
             x = self.pre(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._runs_kernels(x2):
-            if torch.compiler.is_compiling() and self.pre is None:
-                y = self._tiled_op(x2)
-            else:
-                y = self._cuda_linear(x2, fused_pre)
+            y = self._tiled_op(x2) if compiling else self._cuda_linear(x2, fused_pre)
         elif self.pair.weight_only:
             y = ops.wq_linear(x2, self.w_planes, self.w_scale, self.w_zero, self.bias,
                               self.group_size, self.in_features)
