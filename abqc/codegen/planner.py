@@ -10,7 +10,8 @@ packing launch), "int8" (per-channel, M >= 16: centred int8 codes of both sides 
 torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call), "int8k" (the same
 codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in shared memory: no int8 weight
 copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
-FP8 tensor cores run ~1.5x torch._int_mm; off until GPU-verified, FP8_FAMILY_ENABLED). A Hopper wgmma b1 family is to compete here when it lands.
+FP8 tensor cores run ~1.5x torch._int_mm; off until GPU-verified, FP8_FAMILY_ENABLED). A Hopper wgmma b1
+family is to compete here when it lands.
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus

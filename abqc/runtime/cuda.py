@@ -444,6 +444,14 @@ def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch:
     return tile
 
 
+def parse_tile(text: str | None) -> tuple | None:
+    """The inverse of ops.tile_string."""
+    if text is None:
+        return None
+    family, *nums = text.split(",")
+    return (family, *map(int, nums))
+
+
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
@@ -620,7 +628,7 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
-    if hadamard_block is not None and (tile[0] == "gemvq" or tile[0] in _INT8_FAMILY_GEMM):   # they quantize x themselves
+    if hadamard_block is not None and (tile[0] == "gemvq" or tile[0] in _INT8_FAMILY_GEMM):   # they quantize x
         from .hadamard import hadamard_cuda
         x, hadamard_block = hadamard_cuda(x, hadamard_block), None
     if tile[0] == "gemvq":
@@ -663,11 +671,3 @@ def register() -> None:
                            in_features, act_symmetric)
 
     _REGISTERED["done"] = True
-
-
-def parse_tile(text: str | None) -> tuple | None:
-    """The inverse of ops.tile_string."""
-    if text is None:
-        return None
-    family, *nums = text.split(",")
-    return (family, *map(int, nums))
