@@ -45,8 +45,8 @@ class KernelConfig:
     activations to centred int8 codes; "int8_unpack" turns tiled weight planes into centred int8 codes and
     "int8_epilogue" undoes the centring and applies the scales; "int8_gemm" is the GEMM itself on the INT8
     MMA (m16n8k32 s8) with the weights unpacked in shared memory, for the unpack + torch._int_mm pair
-    (built and GPU-tested, not yet a planner candidate); those take their bits at launch and are built
-    once (a_bits=8, w_planes=0)."""
+    (the planner's "int8k" family: exact on the H200, slower than the pair so far); those take their bits
+    at launch and are built once (a_bits=8, w_planes=0)."""
 
     family: str
     a_bits: int
