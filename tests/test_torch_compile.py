@@ -136,9 +136,10 @@ def test_cuda_model_compiles_as_one_graph_with_the_same_kernels(fuse):
         torch._dynamo.reset()
         inductor = torch.compile(lambda t: q.model(t).logits, fullgraph=True)(ids)
     # the model around the linears may take other CUDA paths when traced (attention backend, fused norms):
-    # float rounding, not the linears, so the whole model is compared to a tolerance
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(inductor, want, atol=2e-3, rtol=2e-3)
+    # last-bit differences there can move an activation code across a rounding boundary, so the whole model
+    # is compared by relative error (a wrong linear would be off by far more)
+    for out in (got, inductor):
+        assert ((out - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
