@@ -93,6 +93,9 @@ def test_tile_strings_round_trip():
     for tile in (("gemv", 8, 1, 4), ("int8k", 0, 0), ("bmma", 2, 1)):
         assert cuda.parse_tile(ops.tile_string(tile)) == tile
     assert ops.tile_string(None) is None and cuda.parse_tile(None) is None
+    for bad in ("gemv", "warp,8,1", "gemv,8,x"):
+        with pytest.raises(ValueError, match="family,wk,tm"):
+            cuda.parse_tile(bad)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -444,12 +444,22 @@ def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch:
     return tile
 
 
+TILE_FAMILIES = ("bmma", "gemv", "gemvq", "int8", "int8k", "fp8")
+
+
 def parse_tile(text: str | None) -> tuple | None:
-    """The inverse of ops.tile_string."""
+    """The inverse of ops.tile_string; a malformed string is a ValueError naming the expected form."""
     if text is None:
         return None
     family, *nums = text.split(",")
-    return (family, *map(int, nums))
+    try:
+        values = tuple(int(v) for v in nums)
+    except ValueError:
+        values = None
+    if family not in TILE_FAMILIES or values is None or not values:
+        raise ValueError(f"launch tile {text!r}: expected 'family,wk,tm[,channel tiles]' with family one of "
+                         f"{', '.join(TILE_FAMILIES)} and integers after it, e.g. 'gemv,8,1,4'")
+    return (family, *values)
 
 
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
