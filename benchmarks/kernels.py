@@ -159,7 +159,7 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
     # breakdown: the activation quantizer alone, and the rest (GEMM; for int8: unpack + _int_mm + epilogue)
     if tile[0] == "gemvq":
         note = "activation quantization inside the GEMV (one launch)"
-    elif tile[0] in ("int8", "int8k", "fp8"):
+    elif tile[0] in rcuda.INT8_FAMILIES:
         pack_us = planner.time_us(lambda: rcuda.quant_int8(x, pair.a_bits, gw, ql.in_features, False,
                                                             rcuda.INT8_MIN_ROWS))
         gemm = {"int8k": "abqc INT8 GEMM unpacking in-kernel", "fp8": "unpack + FP8 _scaled_mm"}.get(
@@ -193,7 +193,7 @@ def bench_hadamard(pair, ql, x, had: OnlineHadamard, tune: bool, alone_us: float
         return rcuda.hadamard_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, ql.out_features, pair.a_bits, gw,
                                      groups, ql.in_features, False, tile, block=block, fused=fused, counter=counter)
 
-    if tile[0] not in ("gemv", "bmma"):      # gemvq / INT8 quantize x themselves: the Hadamard is separate
+    if tile[0] not in rcuda.PACKED_FAMILIES:   # gemvq / INT8 quantize x themselves: the Hadamard is separate
         us = planner.time_us(rotating([lambda w=w: call(w, False) for w in wts]), iters=1) / len(wts)
         return us, tile, f"{tile[0]} quantizes in-kernel, so the Hadamard ({alone_us:.1f} us alone) is its own launch"
     copy = itertools.cycle(wts)
@@ -309,9 +309,9 @@ def main(argv=None):
 
 
 def write_md(records, path, bw):
-    fp16 = {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == "cublas-fp16"}
-    i8 = {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == "int8-int_mm"}
-    i8l = {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == "int8-linear"}
+    def times(impl):   # (M, N, K) -> µs of one baseline
+        return {(r["M"], r["N"], r["K"]): r["median_us"] for r in records if r["impl"] == impl}
+    fp16, i8, i8l = times("cublas-fp16"), times("int8-int_mm"), times("int8-linear")
     gpu = records[0]["gpu"] if records else "?"
     sw = records[0].get("software", "not recorded") if records else "?"
     lines = [f"# Kernel benchmark ({gpu})", "",

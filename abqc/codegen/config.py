@@ -11,6 +11,7 @@ from importlib import resources
 FAMILIES = ("bmma", "gemv", "quant_pack", "quant_int8", "int8_unpack", "int8_epilogue", "int8_gemm")
 BIT_FREE = ("int8_unpack", "int8_epilogue", "int8_gemm")   # one build serves every bit pair (bits are launch arguments)
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
+FP8_MAX_BITS = 5   # the FP8 family: centred codes of up to 5 bits (-16..15) are exact in float8_e4m3fn
 
 
 def gemv_max_tokens(p: int, q: int) -> tuple[int, ...]:

@@ -103,7 +103,8 @@ def _hadamard_choice(ql: QuantLinear, m: int, arch: str, tune: bool, tile: tuple
     quantizer or as its own launch (planner.choose_hadamard); None where ql has no online Hadamard."""
     if not isinstance(ql.pre, OnlineHadamard):
         return {"hadamard": None, "hadamard_us": None}
-    if tile[0] not in ("gemv", "bmma"):          # the gemvq and INT8 families quantize x themselves
+    from ..runtime.cuda import PACKED_FAMILIES
+    if tile[0] not in PACKED_FAMILIES:           # the gemvq and INT8 families quantize x themselves
         return {"hadamard": "separate (the family quantizes in-kernel)", "hadamard_us": None}
     gw, groups = ql.group_words_and_count()
     run = _hadamard_runner(ql, m, tile) if tune else None

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import AbqcError
 from ..models import cache_dir
-from .config import gemv_channel_tiles, gemv_tokens, token_tile_choices
+from .config import FP8_MAX_BITS, gemv_channel_tiles, gemv_tokens, token_tile_choices
 from .layout import steps_per_group
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -47,7 +47,6 @@ INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 row
 # in full float32; it joins the candidates once tests/test_int8_family.py's FP8 checks have passed on a GPU
 # (built after this session's last device call: not yet).
 FP8_FAMILY_ENABLED = False
-FP8_MAX_BITS = 5      # runtime.cuda.FP8_MAX_BITS (centred codes exact in float8_e4m3fn)
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 _GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone

@@ -14,7 +14,7 @@ import threading
 import torch
 
 from ..codegen import layout, planner
-from ..codegen.config import KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
+from ..codegen.config import FP8_MAX_BITS, KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
 from ..errors import AbqcError, NoCudaError
 
 _LOCK = threading.Lock()
@@ -345,7 +345,6 @@ def int8_gemm(a8: torch.Tensor, w_tiled: torch.Tensor, n: int, m: int | None = N
     return acc
 
 
-FP8_MAX_BITS = 5   # centred codes of up to 5 bits (-16..15) are exact in float8_e4m3fn (3 mantissa bits)
 FP8_ROWS = 16      # torch._scaled_mm's operands: rows of both padded to a multiple of this
 
 
@@ -371,20 +370,17 @@ def fp8_gemm(a8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
                             out_dtype=torch.float32, use_fast_accum=False)
 
 
-INT8_GEMMS = ("int_mm", "int8k", "fp8")
-
-
 def int8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 words: int, in_features: int, act_symmetric: bool, integer: bool = False,
-                gemm: str = "int_mm") -> torch.Tensor:
+                gemm: str = "int8") -> torch.Tensor:
     """The INT8 family: y [M, N] (or, integer=True, the int32 accumulators sum_k u_a * u_w [M, N, 1] that the
     bit-plane kernels give) from centred int8 codes of both sides and one integer GEMM, then an epilogue
-    that undoes the centring. Per-channel weights only. gemm: "int_mm" (torch._int_mm on the INT8 tensor
-    cores, weights unpacked to int8 on every call, no int8 copy kept), "int8k" (abqc's own INT8 GEMM that
-    unpacks the bit-planes in shared memory: int8_gemm) or "fp8" (the same codes as float8_e4m3fn on
-    torch._scaled_mm, exact for p, q <= FP8_MAX_BITS: fp8_gemm)."""
-    if gemm not in INT8_GEMMS:
-        raise ValueError(f"gemm must be one of {INT8_GEMMS}, got {gemm!r}")
+    that undoes the centring. Per-channel weights only. gemm, the planner family: "int8" (torch._int_mm on
+    the INT8 tensor cores, weights unpacked to int8 on every call, no int8 copy kept), "int8k" (abqc's own
+    INT8 GEMM that unpacks the bit-planes in shared memory: int8_gemm) or "fp8" (the same codes as
+    float8_e4m3fn on torch._scaled_mm, exact for p, q <= FP8_MAX_BITS: fp8_gemm)."""
+    if gemm not in INT8_FAMILIES:
+        raise ValueError(f"gemm must be one of {INT8_FAMILIES}, got {gemm!r}")
     m, dev, p = x.shape[0], x.device, w_tiled.shape[2]
     if gemm == "fp8" and not fp8_applicable(p, a_bits, dev):
         raise ValueError(f"the fp8 family serves W{p}A{a_bits} only with p, q <= {FP8_MAX_BITS} on an sm_89+ GPU")
@@ -444,7 +440,9 @@ def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch:
     return tile
 
 
-TILE_FAMILIES = ("bmma", "gemv", "gemvq", "int8", "int8k", "fp8")
+PACKED_FAMILIES = ("gemv", "bmma")   # bit-plane GEMMs fed by the activation packer (an online Hadamard can fuse into it)
+INT8_FAMILIES = ("int8", "int8k", "fp8")   # centred codes of both sides and one integer GEMM (int8_linear)
+TILE_FAMILIES = PACKED_FAMILIES + ("gemvq",) + INT8_FAMILIES
 
 
 def parse_tile(text: str | None) -> tuple | None:
@@ -478,7 +476,7 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     family, wk, tm, *rest = tile or launch_tile(m, p, q, n, kw, group_words, arch_of(dev))
     if family == "gemvq":   # bmma() takes packed planes: the quantizing GEMV reads them like "gemv"
         family = "gemv"
-    if family not in ("gemv", "bmma"):
+    if family not in PACKED_FAMILIES:
         raise ValueError(f"bmma() launches the bit-plane families gemv / bmma, not {family!r} (bmma_linear does)")
     ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
@@ -594,7 +592,7 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
     args = (w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features, act_symmetric, tile)
     if hadamard_block is None:
         return lambda x2: bmma_linear(x2, *args)
-    fused = tile[0] in ("gemv", "bmma") and planner.hadamard_fused(
+    fused = tile[0] in PACKED_FAMILIES and planner.hadamard_fused(
         n, groups * group_words, group_words, w_tiled.shape[2], a_bits, x.shape[0], arch, hadamard_block.shape[0])
     if fused:
         from .hadamard import fresh_counters
@@ -623,9 +621,6 @@ def epilogue_args(w_scale, w_zero, w_sum, packed, bias=None) -> dict:
             "a_sum": a_sum, "bias": bias}
 
 
-_INT8_FAMILY_GEMM = {"int8": "int_mm", "int8k": "int8k", "fp8": "fp8"}   # planner family -> int8_linear's gemm
-
-
 def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None,
                 hadamard_block: torch.Tensor | None = None, counter: torch.Tensor | None = None) -> torch.Tensor:
@@ -638,7 +633,7 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words,
                                arch_of(x.device))
-    if hadamard_block is not None and (tile[0] == "gemvq" or tile[0] in _INT8_FAMILY_GEMM):   # they quantize x
+    if hadamard_block is not None and tile[0] not in PACKED_FAMILIES:   # families that quantize x themselves
         from .hadamard import hadamard_cuda
         x, hadamard_block = hadamard_cuda(x, hadamard_block), None
     if tile[0] == "gemvq":
@@ -646,11 +641,11 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
             raise ValueError("the gemvq family serves per-channel weights only")
         return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                           act_symmetric, tile)
-    if tile[0] in _INT8_FAMILY_GEMM:
+    if tile[0] in INT8_FAMILIES:
         if groups != 1:
             raise ValueError(f"the {tile[0]} family serves per-channel weights only")
         return int8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
-                           act_symmetric, gemm=_INT8_FAMILY_GEMM[tile[0]])
+                           act_symmetric, gemm=tile[0])
     if hadamard_block is None:
         packed = quant_pack(x, a_bits, group_words, groups, in_features, act_symmetric)   # rejects other dtypes
     else:
