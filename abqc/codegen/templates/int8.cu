@@ -61,7 +61,6 @@ struct EpiArgs {
   const float *bias;    // [N] or null
   void *out;            // mode 0: int32 [M][N] = sum_k u_a * u_w (the bit-plane kernels' accumulator);
   int mode;             // 1 f32, 2 f16, 3 bf16: y [M][N]
-  int acc_f32;          // acc holds float32 (the FP8 family's _scaled_mm: exact integers) instead of int32
 };
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
@@ -71,8 +70,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const EpiArgs a) {
   i64 a8 = 0;
   for (int p = 0; p < a.a_parts; ++p) a8 += a.a8_sum[(i64)m * a.a_parts + p];
   const i64 w8 = (i64)a.w_sum[n] - (i64)a.K * a.cw;
-  const i64 at = (i64)m * a.ldacc + n;
-  const i64 acc = a.acc_f32 ? (i64)__float2ll_rn(((const float *)a.acc)[at]) : (i64)a.acc[at];
+  const i64 acc = a.acc[(i64)m * a.ldacc + n];
   if (a.mode == 0) {
     ((int *)a.out)[idx] = (int)(acc + (i64)a.cw * a8 + (i64)a.ca * w8 + (i64)a.K * a.ca * a.cw);
     return;
