@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
 FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
 
-    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv bmma int8 int8k fp8]
+    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv gemvt gemvqt bmma int8 int8k fp8]
 
 Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
 of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
@@ -46,7 +46,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B lin
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 DOWN_K = 11008                                          # down_proj input: where rotation puts an online Hadamard
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
-FAMILIES = ("gemvq", "gemv", "bmma", "int8", "int8k", "fp8")
+FAMILIES = ("gemvq", "gemv", "gemvt", "gemvqt", "bmma", "int8", "int8k", "fp8")
 
 
 def copy_bandwidth() -> float:
@@ -146,7 +146,7 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         tile = tuple(plan["tile"])
     else:
         timed = []
-        for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups, include_disabled=True):
+        for t in planner.candidates(wt.shape[2], pair.a_bits, m, groups, include_disabled=True, arch=arch):
             if t[0] == family:
                 try:
                     timed.append((planner.time_us(lambda: call(next(copy), t)), t))
@@ -157,7 +157,7 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
         tile = min(timed)[1]
     us = planner.time_us(rotating([lambda w=w: call(w, tile) for w in wts]), iters=1) / len(wts)
     # breakdown: the activation quantizer alone, and the rest (GEMM; for int8: unpack + _int_mm + epilogue)
-    if tile[0] == "gemvq":
+    if tile[0] in rcuda.GEMVQ_FAMILIES:
         note = "activation quantization inside the GEMV (one launch)"
     elif tile[0] in rcuda.INT8_FAMILIES:
         pack_us = planner.time_us(lambda: rcuda.quant_int8(x, pair.a_bits, gw, ql.in_features, False,

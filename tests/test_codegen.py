@@ -24,8 +24,9 @@ SAMPLE = [(1, 1), (2, 8), (3, 8), (4, 4), (6, 6), (7, 8), (8, 8)]
 
 def _ci_configs(arch):
     """What CI compiles: every activation packer; for every (P, Q) on sm_90a the GEMV build for most
-    tokens and the single-token-tile GEMM build; for a fixed sample of (P, Q) on both archs the most
-    register-hungry builds of both families. ABQC_FULL_KERNEL_SWEEP=1 compiles all of them instead."""
+    tokens (and its bulk-copy twin) and the single-token-tile GEMM build; for a fixed sample of (P, Q) on
+    both archs the most register-hungry builds of both families. ABQC_FULL_KERNEL_SWEEP=1 compiles all of
+    them instead."""
     if os.environ.get("ABQC_FULL_KERNEL_SWEEP") == "1":
         return all_configs(arch)
     out = [c for c in all_configs(arch) if c.family not in ("bmma", "gemv")]   # packers, the INT8 family
@@ -33,7 +34,9 @@ def _ci_configs(arch):
     for p, q in sorted(set(every) | set(SAMPLE)):
         mt = max(gemv_max_tokens(p, q))
         heavy = (p, q) in SAMPLE
-        out.append(KernelConfig("gemv", q, p, mt, arch, max(gemv_channel_tiles(p, q, mt)) if heavy else 1))
+        ntw = max(gemv_channel_tiles(p, q, mt)) if heavy else 1
+        out += [KernelConfig("gemv", q, p, mt, arch, ntw, bulk) for bulk in ((False, True) if arch == "sm_90a"
+                                                                            else (False,))]
         out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)) if heavy else 1, arch))
     return out
 
@@ -66,7 +69,10 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
             need = (cfg.w_planes * cfg.a_bits * cfg.token_tiles if cfg.family == "bmma"
                     else cfg.w_planes * cfg.n_tiles * -(-cfg.token_tiles * cfg.a_bits // 8))
             assert n >= need, (cfg.name, n)
-            assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
+            if cfg.w_bulk:    # weights by the bulk-copy engine into shared memory, read back 16 bytes wide
+                assert "UBLKCP" in s and "SYNCS" in s and "LDS.128" in s, f"{cfg.name}: no bulk weight copies"
+            else:
+                assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
 
 
 def test_config_validation():
@@ -76,6 +82,13 @@ def test_config_validation():
         KernelConfig("gemv", 8, 8, 4)
     with pytest.raises(ValueError, match="needs one of"):
         KernelConfig("bmma", 8, 2, 1, "sm_75")
+    with pytest.raises(ValueError, match="needs the gemv family on sm_90a"):
+        KernelConfig("gemv", 8, 2, 1, "sm_80", 1, True)
+    with pytest.raises(ValueError, match="needs the gemv family on sm_90a"):
+        KernelConfig("bmma", 8, 2, 1, "sm_90a", 1, True)
+    bulk = KernelConfig("gemv", 8, 2, 1, "sm_90a", 1, True)
+    assert bulk.name.endswith("_bulk") and "#define WBULK 1" in bulk.source()
+    assert bulk.key() != KernelConfig("gemv", 8, 2, 1, "sm_90a", 1).key()
     with pytest.raises(ValueError, match="unknown kernel family"):
         KernelConfig("gemm", 8, 2)
     with pytest.raises(ValueError, match="takes its bits at launch"):

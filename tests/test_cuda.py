@@ -106,6 +106,107 @@ def test_gemv_quantizing_in_kernel_exact_all_pairs(p, q):
                 assert torch.equal(y, ref), (m, n, k, dtype, sym, tile)
 
 
+HOPPER = pytest.mark.skipif(not cuda.available() or cuda.arch_of(torch.device("cuda")) != "sm_90a",
+                            reason="the bulk-copy GEMV builds (gemvt, gemvqt) need sm_90a (Hopper)")
+
+
+def _check_bulk(gen, p, q, m, n, k, dtype, wks=(2, 8)):
+    """gemvt against the codes multiplied out and against gemv's output; gemvqt likewise against gemvq.
+    Returns how many tiles ran (tiles whose weights overflow shared memory must refuse with a clear error)."""
+    x = (torch.randn(m, k, generator=gen) * torch.linspace(0.05, 3, m)[:, None]).to(dtype)
+    x[0, :: 7] = 0.0
+    kw = -(-k // 32)
+    uw = torch.randint(0, 2 ** p, (n, k), generator=gen)
+    wt = layout.tile_weights(quant.pack_bitplanes(uw, p, pad_to=kw * 32).cuda(), kw)
+    ua = ops.quantize_activation_padded(x.float(), q, k, k, False)[0]
+    expect = ua[:, :k].long() @ uw.T
+    w_scale = torch.rand(n, 1, generator=gen).cuda() + 0.5
+    w_zero = torch.randint(0, 2 ** p, (n, 1), generator=gen, dtype=torch.int32).cuda()
+    w_sum = uw.sum(1, keepdim=True).int().cuda()
+    packed = cuda.quant_pack(x.cuda(), q, kw, 1, k, False)
+    epi = cuda.epilogue_args(w_scale, w_zero, w_sum, packed)
+    ran = 0
+    for wk, mt in itertools.product(wks, [t for t in gemv_max_tokens(p, q) if m <= t]):
+        for u in gemv_channel_tiles(p, q, mt):
+            weight_bytes = u * wt.shape[1] * p * 512
+            if weight_bytes > cuda.MAX_SMEM:
+                with pytest.raises(ValueError, match="shared memory"):
+                    cuda.bmma(wt, packed[0], n, k, kw, 0, None, ("gemvt", wk, mt, u))
+                continue
+            if weight_bytes > cuda.MAX_SMEM - 64 * 1024:   # near the limit: the staged rows decide; not tested here
+                continue
+            for fam in ("gemvt", "gemv"):
+                acc = cuda.bmma(wt, packed[0], n, k, kw, 0, None, (fam, wk, mt, u)).cpu()
+                assert torch.equal(acc[..., 0].long(), expect), (fam, m, n, k, p, q, wk, mt, u)
+            y = cuda.bmma(wt, packed[0], n, k, kw, 1, epi, ("gemvt", wk, mt, u), x.dtype)
+            assert torch.equal(y, cuda.bmma(wt, packed[0], n, k, kw, 1, epi, ("gemv", wk, mt, u), x.dtype))
+            args = (w_scale, w_zero, w_sum, None, n, q, kw, k, False)
+            got = cuda.gemv_quant(x.cuda(), wt, *args, ("gemvqt", wk, mt, u), integer=True).cpu()
+            assert torch.equal(got[..., 0].long(), expect), ("gemvqt", m, n, k, p, q, wk, mt, u)
+            assert torch.equal(cuda.gemv_quant(x.cuda(), wt, *args, ("gemvqt", wk, mt, u)),
+                               cuda.gemv_quant(x.cuda(), wt, *args, ("gemvq", wk, mt, u)))
+            ran += 1
+    return ran
+
+
+@HOPPER
+@pytest.mark.parametrize("p,q", list(itertools.product(range(1, 9), range(1, 9))))
+def test_bulk_gemv_exact_all_pairs(p, q):
+    """The bulk-copy GEMV builds (weights streamed into shared memory by cp.async.bulk, one mbarrier per
+    chunk of K steps): integer accumulators equal the CPU reference's codes multiplied out, and outputs
+    equal the register-load builds' bit for bit, for the packer-fed (gemvt) and quantizing (gemvqt) launch,
+    at odd K and N tails and partial channel tiles."""
+    gen = torch.Generator().manual_seed(3000 + 10 * p + q)
+    ran = 0
+    for (m, n, k), dtype in itertools.product([(1, 37, 77), (2, 130, 300), (8, 48, 513), (4, 200, 4096)],
+                                              (torch.float16, torch.bfloat16)):
+        if m <= max(gemv_max_tokens(p, q)):
+            ran += _check_bulk(gen, p, q, m, n, k, dtype)
+    assert ran > 0
+
+
+@HOPPER
+def test_bulk_gemv_long_k_many_chunks_and_smem_limit():
+    """K long enough for more rounds of steps than mbarriers (several rounds per chunk), LLaMA's 11008,
+    and tiles whose weights cannot fit in shared memory refuse with an error naming it."""
+    gen = torch.Generator().manual_seed(77)
+    for p, q, m, n, k in [(2, 8, 1, 40, 11008), (2, 8, 1, 20, 20000), (1, 4, 2, 33, 20000), (3, 8, 4, 50, 11008),
+                          (8, 8, 1, 17, 11008)]:
+        assert _check_bulk(gen, p, q, m, n, k, torch.float16) > 0 or p == 8
+    with pytest.raises(ValueError, match="shared memory"):   # 43 steps x 8 planes x 512 B = 176 KB of weights
+        x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
+        wt = torch.zeros(2, 43, 8, 32, 4, dtype=torch.int32, device="cuda")
+        cuda.bmma(wt, cuda.quant_pack(x, 8, 344, 1, 11008, False)[0], 20, 11008, 344, 0, None, ("gemvt", 8, 1, 1))
+
+
+@HOPPER
+def test_bulk_gemv_in_cuda_graphs_follows_module_tile():
+    """A QuantLinear told to launch gemvt / gemvqt does so eagerly and replayed from a CUDA graph with new
+    inputs (programmatic dependent launch on), giving the register-load twin's output bit for bit."""
+    torch.manual_seed(12)
+    pair = parse_pair("w2a8")
+    lin = torch.nn.Linear(4096, 1024, bias=True)
+    ql = QuantLinear.from_linear(lin, pair, quant.quantize_weight(lin.weight, pair.w_bits)).cuda()
+    gw, groups = ql.group_words_and_count()
+
+    def run(x, tile):
+        return cuda.bmma_linear(x, ql.tiled_weights(), ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features,
+                                pair.a_bits, gw, groups, ql.in_features, False, tile=tile)
+
+    for tile, twin in [(("gemvt", 8, 1, 1), ("gemv", 8, 1, 1)), (("gemvqt", 4, 1, 2), ("gemvq", 4, 1, 2))]:
+        ql.tile = tile
+        static = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+        assert torch.equal(ql(static), run(static, twin))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = ql(static)
+        for _ in range(3):
+            static.copy_(torch.randn(1, 4096, device="cuda", dtype=torch.float16))
+            g.replay()
+            assert torch.equal(out, run(static, twin)), tile
+    assert cuda.pdl_status().startswith("on"), cuda.pdl_status()
+
+
 @pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32",
                                   "w4a8g32f", "w3a8f", "w8a4g64f"])
 @pytest.mark.parametrize("m", [1, 3, 8, 40])

@@ -217,6 +217,21 @@ def test_gemvq_is_a_tuning_candidate_not_the_default():
     assert sorted(c[1:] for c in cands if c[0] == "gemv") == sorted(c[1:] for c in cands if c[0] == "gemvq")
 
 
+def test_bulk_gemv_candidates_only_on_hopper(monkeypatch):
+    """gemvt / gemvqt (bulk copies, sm_90a only) are timed only for sm_90a, and only once enabled (benchmarks
+    time them anyway); they take the same (wk, tokens, channel tiles) as their register-load twins."""
+    assert not any(c[0] in ("gemvt", "gemvqt") for c in planner.candidates(2, 8, 1, arch="sm_80", include_disabled=True))
+    hopper = planner.candidates(2, 8, 1, arch="sm_90a", include_disabled=True)
+    assert sorted(c[1:] for c in hopper if c[0] == "gemvt") == sorted(c[1:] for c in hopper if c[0] == "gemv")
+    assert sorted(c[1:] for c in hopper if c[0] == "gemvqt") == sorted(c[1:] for c in hopper if c[0] == "gemvq")
+    monkeypatch.setattr(planner, "BULK_GEMV_ENABLED", False)
+    assert not any(c[0] == "gemvt" for c in planner.candidates(2, 8, 1, arch="sm_90a"))
+    monkeypatch.setattr(planner, "BULK_GEMV_ENABLED", True)
+    assert any(c[0] == "gemvt" for c in planner.candidates(2, 8, 1, arch="sm_90a"))
+    assert not any(c[0] == "gemvt" for c in planner.candidates(2, 8, 1, arch="sm_90a", groups=4))   # per channel only
+    assert rcuda.parse_tile("gemvqt,8,1,2") == ("gemvqt", 8, 1, 2)
+
+
 def test_programmatic_dependent_launch_config():
     """The GEMV's launch config asks for programmatic stream serialization (it may start while its packer
     runs; the kernel waits with griddepcontrol.wait before reading the packer's outputs), and PDL can be

@@ -40,7 +40,8 @@ class KernelConfig:
     """family "bmma": bit-plane GEMM (m16n8k256 b1 AND-popc) for P weight and Q activation planes in
     blocks of 16 channels x 8*TM tokens (token_tiles = TM; the warps splitting K are a launch parameter).
     family "gemv": per-channel bit-plane GEMV for at most MT tokens (token_tiles = MT) whose MMA N
-    columns are (token, activation plane) pairs.
+    columns are (token, activation plane) pairs; w_bulk=True (sm_90a only): its weights stream into shared
+    memory through the Hopper bulk-copy engine (cp.async.bulk + mbarriers) instead of register loads.
     family "quant_pack": per-token activation quantization + packing to Q planes.
     INT8 family (a GEMM on the INT8 tensor cores, torch._int_mm, between these): "quant_int8" quantizes
     activations to centred int8 codes; "int8_unpack" turns tiled weight planes into centred int8 codes and
@@ -55,6 +56,7 @@ class KernelConfig:
     token_tiles: int = 1
     arch: str = "sm_90a"
     n_tiles: int = 1       # gemv: 16-channel tiles per warp
+    w_bulk: bool = False   # gemv on sm_90a: weights via bulk copies into shared memory
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -75,6 +77,8 @@ class KernelConfig:
                              f"MT={self.token_tiles} in registers")
         if self.family != "gemv" and self.n_tiles != 1:
             raise ValueError("n_tiles applies to the gemv family only")
+        if self.w_bulk and (self.family != "gemv" or self.arch != "sm_90a"):
+            raise ValueError("w_bulk (weights through the Hopper bulk-copy engine) needs the gemv family on sm_90a")
         if self.family == "bmma":
             if self.token_tiles not in token_tile_choices(self.w_planes, self.a_bits):
                 raise ValueError(f"token_tiles {self.token_tiles} not allowed for P={self.w_planes}, Q={self.a_bits}: "
@@ -89,7 +93,8 @@ class KernelConfig:
         if self.family in BIT_FREE:
             return f"abqc_{self.family}"
         if self.family == "gemv":
-            return f"abqc_gemv_p{self.w_planes}_q{self.a_bits}_m{self.token_tiles}_n{self.n_tiles}"
+            return (f"abqc_gemv_p{self.w_planes}_q{self.a_bits}_m{self.token_tiles}_n{self.n_tiles}"
+                    + ("_bulk" if self.w_bulk else ""))
         return f"abqc_bmma_p{self.w_planes}_q{self.a_bits}_tm{self.token_tiles}"
 
     def source(self) -> str:
@@ -99,7 +104,8 @@ class KernelConfig:
         if self.family == "bmma":
             defines += [f"#define P {self.w_planes}", f"#define TM {self.token_tiles}"]
         if self.family == "gemv":
-            defines += [f"#define P {self.w_planes}", f"#define MT {self.token_tiles}", f"#define NTW {self.n_tiles}"]
+            defines += [f"#define P {self.w_planes}", f"#define MT {self.token_tiles}", f"#define NTW {self.n_tiles}",
+                        f"#define WBULK {int(self.w_bulk)}"]
         if self.family == "quant_int8":
             defines.append("#define INT8_CODES")
         if self.family in BIT_FREE:
@@ -119,13 +125,14 @@ class KernelConfig:
 
 
 def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
-    """Every kernel the runtime may launch: bmma for all (P, Q) in 1..8 with each token-tile choice, and
-    the activation packer for Q in 1..8, and the INT8 family's kernels."""
+    """Every kernel the runtime may launch: bmma for all (P, Q) in 1..8 with each token-tile choice, the
+    GEMV builds (on sm_90a also their bulk-copy twins), the activation packer for Q in 1..8, and the INT8
+    family's kernels."""
     out = [KernelConfig(f, q, arch=arch) for f in ("quant_pack", "quant_int8") for q in range(1, 9)]
     out += [KernelConfig(f, 8, arch=arch) for f in BIT_FREE]
     for p in range(1, 9):
         for q in range(1, 9):
             out += [KernelConfig("bmma", q, p, tm, arch) for tm in token_tile_choices(p, q)]
-            out += [KernelConfig("gemv", q, p, mt, arch, u) for mt in gemv_max_tokens(p, q)
-                    for u in gemv_channel_tiles(p, q, mt)]
+            out += [KernelConfig("gemv", q, p, mt, arch, u, bulk) for mt in gemv_max_tokens(p, q)
+                    for u in gemv_channel_tiles(p, q, mt) for bulk in ((False, True) if arch == "sm_90a" else (False,))]
     return out

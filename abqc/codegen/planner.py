@@ -6,7 +6,8 @@ implicitly.
 
 Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
 planes in the MMA N dimension), "gemvq" (the same GEMV build quantizing its activations in-kernel, no
-packing launch), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
+packing launch), "gemvt" / "gemvqt" (those two GEMV builds with their weights streamed into shared memory
+by the Hopper bulk-copy engine, sm_90a only; BULK_GEMV_ENABLED), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
 torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call), "int8k" (the same
 codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in shared memory: no int8 weight
 copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
@@ -47,6 +48,9 @@ INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 row
 # in full float32; it joins the candidates once tests/test_int8_family.py's FP8 checks have passed on a GPU
 # (built after this session's last device call: not yet).
 FP8_FAMILY_ENABLED = False
+# The bulk-copy GEMV builds (gemvt, gemvqt; sm_90a): tuning candidates on Hopper (tests/test_cuda.py's
+# test_bulk_gemv_* check them on the GPU against the CPU reference and their register-load twins).
+BULK_GEMV_ENABLED = True
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 _GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone
@@ -137,14 +141,19 @@ def _store(key: str, plan: dict) -> None:
             pass
 
 
-def candidates(p: int, q: int, m: int, groups: int = 1, include_disabled: bool = False) -> list[tuple]:
-    """(family, warps splitting K, token tiles) worth timing for this shape; include_disabled: also the
-    families not yet enabled for tuning (benchmarks time them separately)."""
+def candidates(p: int, q: int, m: int, groups: int = 1, include_disabled: bool = False,
+               arch: str | None = None) -> list[tuple]:
+    """(family, warps splitting K, token tiles) worth timing for this shape on arch (None: only the
+    families every arch has); include_disabled: also the families not yet enabled for tuning (benchmarks
+    time them separately)."""
     tms = [t for t in token_tile_choices(p, q) if t == 1 or 8 * t <= m_bucket(m)]
     out = [("bmma", wk, tm) for wk in WARPS_K for tm in tms]
     mt = gemv_tokens(m, p, q)
     if groups == 1 and mt:
-        out += [(f, wk, mt, u) for f in ("gemv", "gemvq") for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
+        families = ["gemv", "gemvq"]
+        if arch == "sm_90a" and (BULK_GEMV_ENABLED or include_disabled):
+            families += ["gemvt", "gemvqt"]
+        out += [(f, wk, mt, u) for f in families for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
         out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
         out.append(("int8k", 0, 0))     # abqc's INT8 GEMM unpacking the bit-planes in-kernel (one tile)
@@ -188,7 +197,7 @@ def choose(run, n, kw, group_words, p, q, m, arch, tune: bool = True) -> dict:
         tile = default_tile(m, p, q, n, groups * steps_per_group(group_words), groups)
         return {"family": tile[0], "tile": list(tile), "us": None, "tuned": False}
     best, timed = None, 0
-    for tile in candidates(p, q, m, groups):
+    for tile in candidates(p, q, m, groups, arch=arch):
         try:
             us = time_us(lambda: run(tile))
         except (RuntimeError, ValueError):   # a tile this shape cannot launch is simply not a candidate

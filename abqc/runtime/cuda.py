@@ -92,9 +92,10 @@ def require_cuda(what: str, *tensors: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _config(family: str, a_bits: int, w_planes: int, token_tiles: int, arch: str, n_tiles: int = 1) -> KernelConfig:
+def _config(family: str, a_bits: int, w_planes: int, token_tiles: int, arch: str, n_tiles: int = 1,
+            w_bulk: bool = False) -> KernelConfig:
     """KernelConfig, built (and validated) once per launch kind: launches run per layer per token."""
-    return KernelConfig(family, a_bits, w_planes, token_tiles, arch, n_tiles)
+    return KernelConfig(family, a_bits, w_planes, token_tiles, arch, n_tiles, w_bulk)
 
 
 _ARCH: dict = {}
@@ -439,9 +440,11 @@ def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch:
     return tile
 
 
-PACKED_FAMILIES = ("gemv", "bmma")   # bit-plane GEMMs fed by the activation packer (an online Hadamard can fuse into it)
+PACKED_FAMILIES = ("gemv", "gemvt", "bmma")   # bit-plane kernels fed by the activation packer (an online Hadamard can fuse into it)
+GEMVQ_FAMILIES = ("gemvq", "gemvqt")         # the GEMV quantizing its activations in-kernel (one launch)
+BULK_FAMILIES = ("gemvt", "gemvqt")          # GEMV builds streaming weights by bulk copies (sm_90a)
 INT8_FAMILIES = ("int8", "int8k", "fp8")   # centred codes of both sides and one integer GEMM (int8_linear)
-TILE_FAMILIES = PACKED_FAMILIES + ("gemvq",) + INT8_FAMILIES
+TILE_FAMILIES = PACKED_FAMILIES + GEMVQ_FAMILIES + INT8_FAMILIES
 
 
 def parse_tile(text: str | None) -> tuple | None:
@@ -463,7 +466,8 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
     tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM or
-    "gemv" (per-channel, few tokens); None: launch_tile (tuned plan, else default)."""
+    "gemv" / "gemvt" (per-channel, few tokens; t: weights by bulk copies, sm_90a); None: launch_tile (tuned
+    plan, else default)."""
     require_cuda("abqc.runtime.cuda.bmma()", w_tiled, a_planes)
     q, m, kw = a_planes.shape
     nt, steps, p = w_tiled.shape[:3]
@@ -473,10 +477,11 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
         raise ValueError("tiled weights do not match the activation planes' K layout")
     dev = a_planes.device
     family, wk, tm, *rest = tile or launch_tile(m, p, q, n, kw, group_words, arch_of(dev))
-    if family == "gemvq":   # bmma() takes packed planes: the quantizing GEMV reads them like "gemv"
-        family = "gemv"
+    # bmma() takes packed planes: the quantizing GEMV builds read them like their packer-fed twins
+    family = {"gemvq": "gemv", "gemvqt": "gemvt"}.get(family, family)
     if family not in PACKED_FAMILIES:
-        raise ValueError(f"bmma() launches the bit-plane families gemv / bmma, not {family!r} (bmma_linear does)")
+        raise ValueError(f"bmma() launches the bit-plane families {', '.join(PACKED_FAMILIES)}, not {family!r} "
+                         "(bmma_linear does)")
     ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
            else torch.empty(m, n, dtype=out_dtype, device=dev))
@@ -490,8 +495,8 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
                  _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype], 0,
                  a_sum.shape[1] if a_sum is not None and groups == 1 else 1)
     stride = _stage_stride(kw)
-    if family == "gemv":
-        _gemv_launch(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev)()
+    if family in ("gemv", "gemvt"):
+        _gemv_launch(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev, bulk=family == "gemvt")()
         return out
     _, fn = function(_config("bmma", q, p, tm, arch_of(dev)), dev)
     red = wk * 32 * tm * 4 * 4
@@ -512,19 +517,26 @@ GEMVQ_XSTAGE_BYTES = 64 * 1024   # gemv.cu's XSTAGE_BYTES: gemvq copies x rows u
 
 
 def _gemv_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, tile: tuple, stride: int, dev,
-                 x_bytes: int = 0):
+                 x_bytes: int = 0, bulk: bool = False):
     """Check a gemv launch and prepare it: a no-argument callable launching it with args' current contents.
-    x_bytes: gemvq's input size in bytes (its rows share the K-split partials' shared memory when they fit)."""
+    x_bytes: gemvq's input size in bytes (its rows share the K-split partials' shared memory when they fit).
+    bulk: the build whose weights stream into shared memory by bulk copies (sm_90a; the whole block's
+    weights must fit there next to the staged activations)."""
     wk, tm, ntw = tile
     if groups != 1 or m > tm or tm not in gemv_max_tokens(p, q):
         raise ValueError(f"the gemv family serves per-channel weights and at most {tm} tokens")
+    arch = arch_of(dev)
+    if bulk and arch != "sm_90a":
+        raise ValueError(f"the bulk-copy GEMV builds (gemvt, gemvqt) need sm_90a (Hopper), not {arch}: use gemv")
     red = wk * 16 * ntw * (-(-tm * q // 8) * 8) * 4
     staged = x_bytes if 0 < x_bytes <= GEMVQ_XSTAGE_BYTES and (x_bytes // m) % 16 == 0 else 0   # 16-byte rows
-    smem = m * q * stride * 4 + max(red, staged)
+    weights = ntw * args.G * args.SG * p * 512 if bulk else 0
+    smem = weights + m * q * stride * 4 + max(red, staged)
     if smem > MAX_SMEM:
-        raise ValueError(f"gemv needs {smem} bytes of shared memory for this shape; use the bmma family")
+        raise ValueError(f"{'gemvt' if bulk else 'gemv'} needs {smem} bytes of shared memory for this shape "
+                         f"(at most {MAX_SMEM}); use {'gemv or ' if bulk else ''}the bmma family")
     args.stage_stride = stride
-    _, fn = function(_config("gemv", q, p, tm, arch_of(dev), ntw), dev)
+    _, fn = function(_config("gemv", q, p, tm, arch, ntw, bulk), dev)
     return _prepared(fn, (-(-nt // ntw), 1), wk * 32, smem, args, dev, pdl=True)
 
 
@@ -551,7 +563,7 @@ class GemvqLauncher:
         self.launch = None
         if self.m and n:
             self.launch = _gemv_launch(self.args, self.m, a_bits, p, nt, 1, tuple(tile[1:4]), _stage_stride(words),
-                                       self.dev, x.numel() * x.element_size())
+                                       self.dev, x.numel() * x.element_size(), bulk=tile[0] in BULK_FAMILIES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty((self.m, self.n, 1) if self.integer else (self.m, self.n), dtype=self.dtype,
@@ -566,7 +578,8 @@ def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, b
                words: int, in_features: int, act_symmetric: bool, tile: tuple, integer: bool = False):
     """The "gemvq" family: one gemv launch that quantizes and packs x [M, K] itself (per-channel weights,
     M <= the build's tokens). y [M, N] in x's dtype, or integer=True: the int32 accumulators [M, N, 1].
-    tile = ("gemvq", warps splitting K, max tokens, channel tiles per warp)."""
+    tile = ("gemvq" or "gemvqt" (weights by bulk copies, sm_90a), warps splitting K, max tokens, channel
+    tiles per warp)."""
     x = x.contiguous()
     return GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, words, in_features, act_symmetric,
                          tile, integer)(x)
@@ -581,7 +594,7 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
     row counters) where the planner chose so (planner.hadamard_fused), else as a launch of its own."""
     arch = arch_of(x.device)
     tile = tile or launch_tile(x.shape[0], w_tiled.shape[2], a_bits, n, groups * group_words, group_words, arch)
-    if tile[0] == "gemvq" and groups == 1:
+    if tile[0] in GEMVQ_FAMILIES and groups == 1:
         run = GemvqLauncher(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                             act_symmetric, tile)
         if hadamard_block is None:
@@ -635,9 +648,9 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     if hadamard_block is not None and tile[0] not in PACKED_FAMILIES:   # families that quantize x themselves
         from .hadamard import hadamard_cuda
         x, hadamard_block = hadamard_cuda(x, hadamard_block), None
-    if tile[0] == "gemvq":
+    if tile[0] in GEMVQ_FAMILIES:
         if groups != 1:
-            raise ValueError("the gemvq family serves per-channel weights only")
+            raise ValueError(f"the {tile[0]} family serves per-channel weights only")
         return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                           act_symmetric, tile)
     if tile[0] in INT8_FAMILIES:

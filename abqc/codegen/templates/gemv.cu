@@ -11,6 +11,15 @@
 // Launched with Args.x set ("gemvq"), the kernel quantizes and packs the activations itself (quant_rows):
 // every block re-derives the few token rows' codes (from a shared-memory copy of the rows where they fit),
 // instead of a separate packing launch and its round trip through memory.
+// Built with WBULK (sm_90 only; families "gemvt" / "gemvqt"), the block's weights do not pass through
+// registers: at entry one lane per chunk of K steps hands the Hopper bulk-copy (TMA) engine one contiguous
+// copy per channel tile into shared memory, each chunk completing an mbarrier, and the warps read their
+// steps from there as the chunks land. The whole block's weights are in flight before the kernel waits
+// for its predecessor (PDL) or quantizes, with no register or L1 budget capping the bytes in flight.
+#ifndef WBULK
+#define WBULK 0
+#endif
+#define NBAR 32   // WBULK: at most this many chunks (mbarriers) per block
 #define NCOL (MT * Q)
 #define TN ((NCOL + 7) / 8)
 #define PF_RAW (P >= 7 ? 1 : (P >= 5 ? 2 : (P == 4 ? 3 : (P == 3 ? 4 : (P == 2 ? 6 : 8)))))
@@ -26,6 +35,47 @@ __device__ __forceinline__ void load_tiles(const Args &a, int nt0, int nts, int 
     }
   }
 }
+
+// One K step of the block's MMAs for one warp: its activation fragments (columns (token, plane) of step sb)
+// from the staged rows times NTW x P weight fragments.
+__device__ __forceinline__ void mma_step(int (&acc)[NTW][P][TN][4], const uint4 (&wf)[NTW][P], const u32 *xs,
+                                         int stride, int ncol, int kw, int sb, int g, int t) {
+  const int w0 = sb * 8 + t;
+  const bool v0 = w0 < kw, v1 = w0 + 4 < kw;
+#pragma unroll
+  for (int tn = 0; tn < TN; ++tn) {
+    const int c = tn * 8 + g;
+    u32 b0 = 0u, b1 = 0u;
+    if (c < ncol) {
+      if (v0) b0 = xs[c * stride + w0];
+      if (v1) b1 = xs[c * stride + w0 + 4];
+    }
+#pragma unroll
+    for (int u = 0; u < NTW; ++u)
+#pragma unroll
+      for (int i = 0; i < P; ++i) bmma_and(acc[u][i][tn], wf[u][i], b0, b1);
+  }
+}
+
+#if WBULK
+__device__ __forceinline__ u32 smem_u32(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long *bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// the initialised barriers made visible to the async proxy (the bulk-copy engine) before any copy names them
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long *bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void *dst, const void *src, u32 bytes, unsigned long long *bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long *bar, u32 parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+#endif
 
 __device__ __forceinline__ float x_at(const Args &a, i64 i) {
   if (a.x_dtype == 1) return __ldg((const float *)a.x + i);
@@ -190,17 +240,45 @@ __device__ __forceinline__ void quant_rows(const Args &a, u32 *xs, int stride, f
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
-  // shared memory: staged activation rows [M*Q][stride], then int partials [WK][16*NTW][TN*8]
-  extern __shared__ u32 sm[];
+  // shared memory: (WBULK: the block's weights [NTW][steps][P][32] uint4), staged activation rows
+  // [M*Q][stride], then int partials [WK][16*NTW][TN*8]
+  extern __shared__ __align__(16) u32 sm[];
   __shared__ float qs[MT], rlo[8 * MT], rhi[8 * MT];   // in-kernel quantization: scale, min/max partials
   __shared__ int qz[MT], qsum[MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, WK = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3, nt0 = blockIdx.x * NTW, nts = (a.N + 15) / 16;
   const int kw = a.gw, steps = a.SG, ncol = a.M * Q, stride = a.stage_stride;
+#if WBULK
+  const int tiles = min(NTW, nts - nt0), rounds = (steps + WK - 1) / WK, rc = (rounds + NBAR - 1) / NBAR;
+  const int nchunks = (rounds + rc - 1) / rc;    // chunk c: rounds [c*rc, (c+1)*rc) of WK steps each
+  const uint4 *wsm = (const uint4 *)sm;
+  u32 *xs = sm + NTW * steps * P * 128;
+  __shared__ __align__(8) unsigned long long bars[NBAR];
+  if (threadIdx.x == 0) {
+    for (int c = 0; c < nchunks; ++c) mbar_init(&bars[c], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (warp == 0 && lane < nchunks) {   // weights are never written by the kernel before: no PDL wait
+    const int s0 = lane * rc * WK, s1 = min(steps, (lane + 1) * rc * WK);
+    const u32 bytes = (u32)(s1 - s0) * P * 512;
+    mbar_expect_tx(&bars[lane], bytes * tiles);
+    for (int u = 0; u < tiles; ++u)
+      bulk_load((void *)(wsm + ((i64)u * steps + s0) * P * 32), a.wt + ((i64)(nt0 + u) * steps + s0) * P * 32,
+                bytes, &bars[lane]);
+  }
+  if (a.mode != 0 && threadIdx.x < 16 * tiles && nt0 * 16 + (int)threadIdx.x < a.N) {   // the epilogue's weight terms
+    const int n = nt0 * 16 + threadIdx.x;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a.w_scale + n));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a.w_zero + n));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a.w_sum + n));
+  }
+#else
   u32 *xs = sm;
-  int *red = (int *)(sm + ncol * stride);
+#endif
+  int *red = (int *)(xs + ncol * stride);
 
-  if (a.x) {
+  if (a.x && !WBULK) {
     // gemvq: the block's weights head for L2 while it quantizes (prefetches hold no registers, so nothing
     // is live across quant_rows' division); the loads below then hit L2. (For the packer-fed build the
     // same prefetch measured 0-12% slower on the H200: its PF-deep register loads already cover the latency.)
@@ -216,10 +294,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
     pdl_wait();
     quant_rows(a, xs, stride, qs, qz, qsum, rlo, rhi, x_staged(a) ? (void *)red : nullptr);
   }
+#if !WBULK
   uint4 wb[PF][NTW][P];
 #pragma unroll
   for (int b = 0; b < PF; ++b)
     if (warp + b * WK < steps) load_tiles(a, nt0, nts, warp + b * WK, lane, wb[b]);
+#endif
   // Launched as the packer's dependent (PDL), everything above ran while the packer did: the first PF
   // steps of weights are in flight. Only what the packer writes (planes, scales, sums) waits for it.
   if (!a.x) pdl_wait();
@@ -240,31 +320,30 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[u][i][tn][r] = 0;
 
+#if WBULK
+  for (int s = warp; s < steps; s += WK) {
+    mbar_wait(&bars[(s / WK) / rc], 0);
+    uint4 wf[NTW][P];
+#pragma unroll
+    for (int u = 0; u < NTW; ++u)
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+        wf[u][i] = u < tiles ? wsm[(((i64)u * steps + s) * P + i) * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);
+    mma_step(acc, wf, xs, stride, ncol, kw, s, g, t);
+  }
+#else
   for (int s = warp; s < steps; s += PF * WK) {
 #pragma unroll
     for (int b = 0; b < PF; ++b) {
       const int sb = s + b * WK;
       if (sb >= steps) break;
-      const int w0 = sb * 8 + t;
-      const bool v0 = w0 < kw, v1 = w0 + 4 < kw;
-#pragma unroll
-      for (int tn = 0; tn < TN; ++tn) {
-        const int c = tn * 8 + g;
-        u32 b0 = 0u, b1 = 0u;
-        if (c < ncol) {
-          if (v0) b0 = xs[c * stride + w0];
-          if (v1) b1 = xs[c * stride + w0 + 4];
-        }
-#pragma unroll
-        for (int u = 0; u < NTW; ++u)
-#pragma unroll
-          for (int i = 0; i < P; ++i) bmma_and(acc[u][i][tn], wb[b][u][i], b0, b1);
-      }
+      mma_step(acc, wb[b], xs, stride, ncol, kw, sb, g, t);
     }
 #pragma unroll
     for (int b = 0; b < PF; ++b)
       if (s + (PF + b) * WK < steps) load_tiles(a, nt0, nts, s + (PF + b) * WK, lane, wb[b]);
   }
+#endif
 
   // weight planes combined in registers; columns (planes j, tokens) and warps through shared memory
 #pragma unroll
