@@ -3,7 +3,7 @@ whole LLaMA-7B-shaped model (random weights) in FP16, a torch._int_mm W8A8 basel
 
     python benchmarks/e2e.py [--layers 32] [--batches 1 8 32] [--prompt 512] [--steps 64] [--deadline 450]
     python benchmarks/e2e.py --check-ppl       # the real default model: abqc W4A8 (RTN) PPL on GPU vs CPU
-    python benchmarks/e2e.py --render          # rewrite e2e.md from e2e.json (+ e2e_ppl.json of a PPL check)
+    python benchmarks/e2e.py --render          # rewrite e2e.md from e2e.json (+ e2e_ppl.json, e2e_compiled.json's targets)
     python benchmarks/e2e.py --dry-run         # the whole flow on CPU, tiny shape, written to the temp folder
 
 Every implementation starts from the same random FP16 weights (seeded; built on the meta device and filled
@@ -349,7 +349,9 @@ def write_results(records: list[dict], out: Path) -> None:
 
 def markdown(records: list[dict], out: Path) -> str:
     """The table: per (impl, batch) times, memory and speed-ups against FP16 and W8A8 of the same run,
-    the issue's targets, and the PPL check when out/e2e_ppl.json exists."""
+    the issue's targets, the targets of the --compile run when out/e2e_compiled.json exists (kept beside
+    the eager table: its every model pays minutes of Inductor compilation), and the PPL check when
+    out/e2e_ppl.json exists."""
     records = sorted(records, key=lambda r: (IMPLS.index(r["impl"]), r["batch"]))
     ran = [r for r in records if r["status"] != "skipped"]
     ref = {(r["impl"], r["batch"]): r for r in ran}
@@ -385,6 +387,14 @@ def markdown(records: list[dict], out: Path) -> str:
     skipped = [f"{r['impl']} batch {r['batch']}" for r in records if r["status"] == "skipped"]
     if skipped:
         lines += ["", f"Not run (--deadline reached): {', '.join(skipped)}."]
+    compiled = out / "e2e_compiled.json"
+    if compiled.exists() and not any("--compile" in r["command"] for r in records):
+        crecs = [r for r in json.loads(compiled.read_text()) if r["status"] != "skipped"]
+        cruns = list(dict.fromkeys(f"`{r['command']}` ({r['software']}, {r['gpu']})" for r in crecs))
+        lines += ["", "## Issue 5 targets with torch.compile (batch 1; table: e2e_compiled.md)", "",
+                  "The same model and measurements with every model's forward torch.compile'd (norms, rotary, "
+                  "residuals fused by Inductor; abqc linears as abqc::tiled_linear nodes): " + "; ".join(cruns),
+                  ""] + targets({(r["impl"], r["batch"]): r for r in crecs})
     ppl = out / "e2e_ppl.json"
     if ppl.exists():
         p = json.loads(ppl.read_text())
@@ -549,7 +559,7 @@ def parse_args(argv):
     ap.add_argument("--no-fuse", action="store_true", help="abqc rows: keep q/k/v and gate/up as separate linears")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every model's forward (norms, rotary, residuals fused by Inductor; abqc "
-                         "linears run between the compiled pieces); compile time is paid in the warm-up")
+                         "linears as abqc::tiled_linear nodes, no graph breaks); compile time is paid in the warm-up")
     ap.add_argument("--profile", nargs="*", type=int, default=None, metavar="BATCH",
                     help="also profile decode kernels at these batches (default: batch 1) -> e2e_profile.{json,md}")
     ap.add_argument("--deadline", type=float, default=0, help="start no new (impl, batch) after this many seconds")

@@ -7,11 +7,13 @@ implicitly.
 Families now: "bmma" (GEMM, tokens in the MMA N dimension), "gemv" (per-channel decode, activation
 planes in the MMA N dimension), "gemvq" (the same GEMV build quantizing its activations in-kernel, no
 packing launch), "gemvt" / "gemvqt" (those two GEMV builds with their weights streamed into shared memory
-by the Hopper bulk-copy engine, sm_90a only; BULK_GEMV_ENABLED), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
+by the Hopper bulk-copy engine, sm_90a only: exact on the H200, slower there, so not tuned:
+BULK_GEMV_ENABLED), "int8" (per-channel, M >= 16: centred int8 codes of both sides and one
 torch._int_mm on the INT8 tensor cores; weights unpacked to int8 on every call), "int8k" (the same
 codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in shared memory: no int8 weight
 copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
-FP8 tensor cores run ~1.5x torch._int_mm; off until GPU-verified, FP8_FAMILY_ENABLED). A Hopper wgmma b1
+FP8 tensor cores run ~1.5x torch._int_mm; exact on the H200, but its whole linear measured 1.4-4.1x slower
+than "int8" there, so not tuned: FP8_FAMILY_ENABLED). A Hopper wgmma b1
 family is to compete here when it lands.
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
@@ -45,12 +47,15 @@ WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 HADAMARD_FUSED_DEFAULT = False
 INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
 # The FP8 family (runtime.cuda.fp8_gemm) is exact only where the tensor cores accumulate these small integers
-# in full float32; it joins the candidates once tests/test_int8_family.py's FP8 checks have passed on a GPU
-# (built after this session's last device call: not yet).
+# in full float32: tests/test_int8_family.py's FP8 checks passed on the H200 (code 24ac1d4), but there its
+# linear (quantize, unpack to e4m3, _scaled_mm, epilogue) measured 1.4-4.1x slower than the int8 family at
+# M = 16..2048 (W4A4 / W2A4, benchmarks/results/kernels_fp8.md), so tuning skips it.
 FP8_FAMILY_ENABLED = False
-# The bulk-copy GEMV builds (gemvt, gemvqt; sm_90a): tuning candidates on Hopper (tests/test_cuda.py's
-# test_bulk_gemv_* check them on the GPU against the CPU reference and their register-load twins).
-BULK_GEMV_ENABLED = True
+# The bulk-copy GEMV builds (gemvt, gemvqt; sm_90a) are exact on the H200 (tests/test_cuda.py test_bulk_gemv_*)
+# but measured slower than their register-load twins at every decode shape and bit pair timed
+# (benchmarks/results/kernels_bulk.md: gemvt 1.0-1.35x, gemvqt 1.04-1.9x the time), so tuning skips them;
+# kernels.py still times them.
+BULK_GEMV_ENABLED = False
 _LOCK = threading.Lock()
 _PLANS: dict = {}   # plans.json path -> its plans, read once per path (ABQC_CACHE may change between calls)
 _GENERATION = [0]   # bumped whenever a plan is stored, so memoised launch choices (runtime.cuda) are redone
