@@ -1,5 +1,5 @@
 """Kernel generation without a GPU: every generated kernel compiles with NVRTC for sm_80 and sm_90a,
-uses binary tensor-core MMA (BMMA ... AND.POPC), never XOR.POPC, and keeps its accumulators in
+uses binary tensor-core MMA (BMMA ... AND.POPC; the wgmma family BGMMA on sm_90a), never XOR.POPC, and keeps its accumulators in
 registers (no local-memory spills)."""
 import os
 import re
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from abqc.codegen import layout
-from abqc.codegen.config import KernelConfig, all_configs, gemv_channel_tiles, gemv_max_tokens, token_tile_choices
+from abqc.codegen.config import (WGMMA_TOKENS, KernelConfig, all_configs, gemv_channel_tiles, gemv_max_tokens,
+                                 token_tile_choices, wgmma_k_steps, wgmma_smem_bytes)
 
 nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
 try:
@@ -24,12 +25,13 @@ SAMPLE = [(1, 1), (2, 8), (3, 8), (4, 4), (6, 6), (7, 8), (8, 8)]
 
 def _ci_configs(arch):
     """What CI compiles: every activation packer; for every (P, Q) on sm_90a the GEMV build for most
-    tokens (and its bulk-copy twin) and the single-token-tile GEMM build; for a fixed sample of (P, Q) on
+    tokens (and its bulk-copy twin), the single-token-tile GEMM build and the wgmma build for 128 tokens (all token tiles for
+    the sample); for a fixed sample of (P, Q) on
     both archs the most register-hungry builds of both families. ABQC_FULL_KERNEL_SWEEP=1 compiles all of
     them instead."""
     if os.environ.get("ABQC_FULL_KERNEL_SWEEP") == "1":
         return all_configs(arch)
-    out = [c for c in all_configs(arch) if c.family not in ("bmma", "gemv")]   # packers, the INT8 family
+    out = [c for c in all_configs(arch) if c.family not in ("bmma", "gemv", "wgmma")]   # packers, the INT8 family
     every = [(p, q) for p in range(1, 9) for q in range(1, 9)] if arch == "sm_90a" else []
     for p, q in sorted(set(every) | set(SAMPLE)):
         mt = max(gemv_max_tokens(p, q))
@@ -38,6 +40,8 @@ def _ci_configs(arch):
         out += [KernelConfig("gemv", q, p, mt, arch, ntw, bulk) for bulk in ((False, True) if arch == "sm_90a"
                                                                             else (False,))]
         out.append(KernelConfig("bmma", q, p, max(token_tile_choices(p, q)) if heavy else 1, arch))
+        if arch == "sm_90a":
+            out += [KernelConfig("wgmma", q, p, tn // 8, arch) for tn in WGMMA_TOKENS if tn == 128 or heavy]
     return out
 
 
@@ -63,6 +67,12 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
         if cfg.family == "int8_gemm":     # the INT8 tensor cores, all 8 k32 chunks x 4 token tiles of a step
             assert len(re.findall(r"IMMA\.16832\.S8\.S8", s)) >= 32, cfg.name
             assert "STS.128" in s and "LDG.E.128" in s, f"{cfg.name}: planes or unpacked codes not 16 bytes wide"
+        if cfg.family == "wgmma":   # one warpgroup MMA per (weight plane, activation plane, K step of a stage)
+            tn = 8 * cfg.token_tiles
+            n = len(re.findall(rf"BGMMA\.64x{tn}x256\.AND\.POPC", s))
+            assert n >= cfg.w_planes * cfg.a_bits * wgmma_k_steps(cfg.w_planes, cfg.a_bits, tn), (cfg.name, n)
+            assert "LDS.128" in s and "LDGSTS" in s, f"{cfg.name}: weights/activations not staged by cp.async"
+            assert "BMMA" not in s.replace("BGMMA", ""), cfg.name
         if cfg.family in ("bmma", "gemv"):
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
             # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)
@@ -73,6 +83,23 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
                 assert "UBLKCP" in s and "SYNCS" in s and "LDS.128" in s, f"{cfg.name}: no bulk weight copies"
             else:
                 assert "LDG.E.128" in s, f"{cfg.name}: weights not loaded 16 bytes wide"
+
+
+def test_wgmma_configs():
+    """The wgmma family: sm_90a only, N = 32 or 64 tokens, stages that fit the shared-memory budget."""
+    with pytest.raises(ValueError, match="needs sm_90a"):
+        KernelConfig("wgmma", 8, 2, 8, "sm_80")
+    with pytest.raises(ValueError, match="token_tiles 2"):
+        KernelConfig("wgmma", 8, 2, 2, "sm_90a")
+    assert KernelConfig("wgmma", 8, 2, 8).name == "abqc_wgmma_p2_q8_n64"
+    assert "#define KC 4" in KernelConfig("wgmma", 8, 2, 8).source()
+    assert wgmma_k_steps(8, 8, 64) == 1 and wgmma_k_steps(4, 4, 64) == 2 and wgmma_k_steps(1, 2, 32) == 4
+    for p in range(1, 9):
+        for q in range(1, 9):
+            for tn in WGMMA_TOKENS:
+                assert wgmma_smem_bytes(p, q, tn) <= 200 * 1024, (p, q, tn)
+    assert sum(c.family == "wgmma" for c in all_configs("sm_90a")) == 64 * len(WGMMA_TOKENS)
+    assert not any(c.family == "wgmma" for c in all_configs("sm_80"))
 
 
 def test_config_validation():

@@ -10,7 +10,7 @@ from abqc import quant
 from conftest import int64_group_matmul
 from abqc.bits import parse_pair
 from abqc.codegen import layout
-from abqc.codegen.config import gemv_channel_tiles, gemv_max_tokens, token_tile_choices
+from abqc.codegen.config import WGMMA_TOKENS, WGMMA_WARPGROUPS, gemv_channel_tiles, gemv_max_tokens, token_tile_choices
 
 cuda = pytest.importorskip("abqc.runtime.cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU (sm_80+) and cuda-bindings")]
@@ -107,7 +107,7 @@ def test_gemv_quantizing_in_kernel_exact_all_pairs(p, q):
 
 
 HOPPER = pytest.mark.skipif(not cuda.available() or cuda.arch_of(torch.device("cuda")) != "sm_90a",
-                            reason="the bulk-copy GEMV builds (gemvt, gemvqt) need sm_90a (Hopper)")
+                            reason="the bulk-copy GEMV builds (gemvt, gemvqt) and the wgmma family need sm_90a (Hopper)")
 
 
 def _check_bulk(gen, p, q, m, n, k, dtype, wks=(2, 8)):
@@ -207,6 +207,63 @@ def test_bulk_gemv_in_cuda_graphs_follows_module_tile():
     assert cuda.pdl_status().startswith("on"), cuda.pdl_status()
 
 
+WGMMA_SHAPES = [(1, 37, 77), (19, 130, 300), (70, 200, 1000), (33, 129, 2080), (130, 48, 4096), (64, 300, 11008)]
+
+
+@HOPPER
+@pytest.mark.parametrize("p,q", list(itertools.product(range(1, 9), range(1, 9))))
+def test_wgmma_exact_all_pairs(p, q):
+    """The Hopper warpgroup-MMA GEMM (m64nNk256 b1 AND-popc, both token tiles): integer accumulators equal the
+    CPU reference for M, N and K tails (K words not a multiple of 4: the 4-byte staging path; K steps not a
+    multiple of a stage; channel tiles past N, token rows past M), and its dequantized output equals the
+    bmma family's bit for bit (the same integers through the same epilogue)."""
+    gen = torch.Generator().manual_seed(5000 + 10 * p + q)
+    for m, n, k in WGMMA_SHAPES:
+        kw = -(-k // 32)
+        ua = torch.randint(0, 2 ** q, (m, k), generator=gen)
+        uw = torch.randint(0, 2 ** p, (n, k), generator=gen)
+        a = quant.pack_bitplanes(ua, q, pad_to=kw * 32).cuda()
+        wt = layout.tile_weights(quant.pack_bitplanes(uw, p, pad_to=kw * 32).cuda(), kw)
+        expect = ua.long() @ uw.long().T
+        x = torch.randn(m, k, generator=gen).to(torch.float16).cuda()
+        packed = cuda.quant_pack(x, q, kw, 1, k, False)
+        epi = cuda.epilogue_args(torch.rand(n, 1, generator=gen).cuda() + 0.5,
+                                 torch.randint(0, 2 ** p, (n, 1), generator=gen, dtype=torch.int32).cuda(),
+                                 uw.sum(1, keepdim=True).int().cuda(), packed)
+        ref = cuda.bmma(wt, packed[0], n, k, kw, 2, epi, ("bmma", 4, 1), torch.float16)
+        for tn in WGMMA_TOKENS:
+            tile = ("wgmma", WGMMA_WARPGROUPS, tn // 8)
+            got = cuda.bmma(wt, a, n, k, kw, 0, tile=tile).cpu()
+            assert torch.equal(got[..., 0].long(), expect), (m, n, k, tile)
+            y = cuda.bmma(wt, packed[0], n, k, kw, 2, epi, tile, torch.float16)
+            assert torch.equal(y, ref), (m, n, k, tile)
+
+
+@HOPPER
+def test_wgmma_linear_and_refusals():
+    """bmma_linear through the wgmma family gives the bmma family's output (bias, bf16 activations); grouped
+    weights and a wrong warpgroup count are refused with errors naming the fix."""
+    torch.manual_seed(21)
+    pair = parse_pair("w2a8")
+    lin = torch.nn.Linear(1000, 300, bias=True)
+    ql = QuantLinear.from_linear(lin, pair, quant.quantize_weight(lin.weight, pair.w_bits)).cuda()
+    gw, groups = ql.group_words_and_count()
+    x = torch.randn(150, 1000, device="cuda", dtype=torch.bfloat16)
+
+    def run(tile):
+        return cuda.bmma_linear(x, ql.tiled_weights(), ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features,
+                                pair.a_bits, gw, groups, ql.in_features, False, tile=tile)
+
+    assert torch.equal(run(("wgmma", WGMMA_WARPGROUPS, 8)), run(("bmma", 4, 2)))
+    a = cuda.quant_pack(x, 8, 2, 16, 1000, False)[0]
+    wt = layout.tile_weights(torch.zeros(2, 300, 32, dtype=torch.int32, device="cuda"), 2)
+    with pytest.raises(ValueError, match="per-channel"):
+        cuda.bmma(wt, a, 300, 1000, 2, 0, tile=("wgmma", WGMMA_WARPGROUPS, 8))
+    with pytest.raises(ValueError, match="warpgroups"):
+        cuda.bmma(ql.tiled_weights(), cuda.quant_pack(x, 8, gw, 1, 1000, False)[0], 300, 1000, gw, 0,
+                  tile=("wgmma", 1, 8))
+
+
 @pytest.mark.parametrize("bits", ["w2a8", "w4a4", "w2*a8", "w3a8g64", "w8a8", "w6a6", "w1a2g128", "w4a8g32",
                                   "w4a8g32f", "w3a8f", "w8a4g64f"])
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
@@ -282,6 +339,42 @@ def test_prepared_launches_follow_the_module():
                                     quant.quantize_weight(torch.randn(96, 256), pair.w_bits))
     ql.load_state_dict(other.state_dict())
     assert torch.equal(ql(x), direct(ql)) and not torch.equal(ql(x), y1)
+
+
+@pytest.mark.parametrize("bits", ["w2a8", "w4a4g64", "w3a8"])
+def test_packed_launcher_matches_bmma_linear(bits):
+    """The prepared packer + bit-plane launch pair (every packer-fed family, per-channel and grouped, fp16 and
+    bf16, decode and prefill token counts) gives bmma_linear's output bit for bit, call after call with new
+    inputs, also replayed from a CUDA graph."""
+    torch.manual_seed(9)
+    pair = parse_pair(bits)
+    lin = torch.nn.Linear(1000, 200, bias=True)
+    ql = QuantLinear.from_linear(lin, pair, quant.quantize_weight(lin.weight, **quant.weight_grid_of(pair))).cuda()
+    gw, groups = ql.group_words_and_count()
+    args = (ql.tiled_weights(), ql.w_scale, ql.w_zero, ql.w_sum, ql.bias, ql.out_features, pair.a_bits, gw, groups,
+            ql.in_features, False)
+    hopper = cuda.arch_of(torch.device("cuda")) == "sm_90a"
+    for m, dtype in [(1, torch.float16), (8, torch.bfloat16), (70, torch.float16)]:
+        tiles = [("bmma", 4, 1)]
+        mt = next((t for t in gemv_max_tokens(pair.w_planes, pair.a_bits) if m <= t), None)
+        if groups == 1 and mt:
+            tiles.append(("gemv", 8, mt, 1))
+        if groups == 1 and m >= 16 and hopper:
+            tiles.append(("wgmma", WGMMA_WARPGROUPS, 8))
+        for tile in tiles:
+            x = torch.randn(m, 1000, device="cuda", dtype=dtype)
+            run = cuda.linear_launcher(x, *args, tile=tile)
+            assert isinstance(run, cuda.PackedLauncher)
+            for _ in range(2):
+                x = torch.randn(m, 1000, device="cuda", dtype=dtype)
+                assert torch.equal(run(x), cuda.bmma_linear(x, *args, tile=tile)), (bits, m, tile)
+            static = x.clone()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = run(static)
+            static.copy_(torch.randn(m, 1000, device="cuda", dtype=dtype))
+            g.replay()
+            assert torch.equal(out, cuda.bmma_linear(static, *args, tile=tile)), (bits, m, tile, "graph")
 
 
 def test_programmatic_dependent_launch_matches_plain():

@@ -232,6 +232,21 @@ def test_bulk_gemv_candidates_only_on_hopper(monkeypatch):
     assert rcuda.parse_tile("gemvqt,8,1,2") == ("gemvqt", 8, 1, 2)
 
 
+def test_wgmma_candidates_only_on_hopper_per_channel_prefill():
+    """The Hopper warpgroup-MMA family is timed on sm_90a for per-channel weights from M = 16, a token tile
+    only where M fills at least half of it; its tiles parse back from the op's tile string."""
+    from abqc.codegen.config import WGMMA_WARPGROUPS as wg
+    assert not any(c[0] == "wgmma" for c in planner.candidates(2, 8, 2048, arch="sm_80"))
+    assert not any(c[0] == "wgmma" for c in planner.candidates(2, 8, 2048))           # arch unknown
+    assert not any(c[0] == "wgmma" for c in planner.candidates(2, 8, 8, arch="sm_90a"))
+    assert not any(c[0] == "wgmma" for c in planner.candidates(2, 8, 2048, groups=4, arch="sm_90a"))
+    assert [c for c in planner.candidates(2, 4, 16, arch="sm_90a") if c[0] == "wgmma"] == [("wgmma", wg, 4)]
+    assert [c for c in planner.candidates(4, 4, 32, arch="sm_90a") if c[0] == "wgmma"] == [("wgmma", wg, 4),
+                                                                                        ("wgmma", wg, 8)]
+    assert [c[2] for c in planner.candidates(4, 4, 512, arch="sm_90a") if c[0] == "wgmma"] == [4, 8, 16]
+    assert rcuda.parse_tile(f"wgmma,{wg},8") == ("wgmma", wg, 8)
+
+
 def test_programmatic_dependent_launch_config():
     """The GEMV's launch config asks for programmatic stream serialization (it may start while its packer
     runs; the kernel waits with griddepcontrol.wait before reading the packer's outputs), and PDL can be

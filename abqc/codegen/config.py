@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 
-FAMILIES = ("bmma", "gemv", "quant_pack", "quant_int8", "int8_unpack", "int8_epilogue", "int8_gemm")
+FAMILIES = ("bmma", "gemv", "wgmma", "quant_pack", "quant_int8", "int8_unpack", "int8_epilogue", "int8_gemm")
 BIT_FREE = ("int8_unpack", "int8_epilogue", "int8_gemm")   # one build serves every bit pair (bits are launch arguments)
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 FP8_MAX_BITS = 5   # the FP8 family: centred codes of up to 5 bits (-16..15) are exact in float8_e4m3fn
@@ -35,6 +35,23 @@ def token_tile_choices(p: int, q: int) -> tuple[int, ...]:
     return tuple(tm for tm in (1, 2, 4) if tm == 1 or tm * (p + q - 1) <= 24)
 
 
+WGMMA_WARPGROUPS = 2           # wgmma family: warpgroups per block, 64 channels each, sharing the staged activations
+WGMMA_TOKENS = (32, 64, 128)   # its token tiles (the MMA's N)
+WGMMA_STAGE_BUDGET = 100 * 1024  # bytes per cp.async stage (two in flight)
+
+
+def wgmma_k_steps(p: int, q: int, tn: int) -> int:
+    """K steps per pipeline stage of a wgmma build: at most 4, a stage's weights and activations within
+    WGMMA_STAGE_BUDGET, and a warp's weight fragments of a stage (P * steps) in at most 32 registers."""
+    per_step = WGMMA_WARPGROUPS * 4 * p * 512 + q * tn * 32
+    return next(kc for kc in (4, 2, 1) if kc == 1 or (kc * per_step <= WGMMA_STAGE_BUDGET and p * kc <= 8))
+
+
+def wgmma_smem_bytes(p: int, q: int, tn: int) -> int:
+    """Dynamic shared memory of a wgmma build: two stages."""
+    return 2 * wgmma_k_steps(p, q, tn) * (WGMMA_WARPGROUPS * 4 * p * 512 + q * tn * 32)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """family "bmma": bit-plane GEMM (m16n8k256 b1 AND-popc) for P weight and Q activation planes in
@@ -42,6 +59,8 @@ class KernelConfig:
     family "gemv": per-channel bit-plane GEMV for at most MT tokens (token_tiles = MT) whose MMA N
     columns are (token, activation plane) pairs; w_bulk=True (sm_90a only): its weights stream into shared
     memory through the Hopper bulk-copy engine (cp.async.bulk + mbarriers) instead of register loads.
+    family "wgmma" (sm_90a only): per-channel bit-plane GEMM on the Hopper warpgroup MMA (m64nNk256 b1
+    AND-popc) for blocks of WGMMA_WARPGROUPS*64 channels x 8*token_tiles tokens (N = 32 or 64).
     family "quant_pack": per-token activation quantization + packing to Q planes.
     INT8 family (a GEMM on the INT8 tensor cores, torch._int_mm, between these): "quant_int8" quantizes
     activations to centred int8 codes; "int8_unpack" turns tiled weight planes into centred int8 codes and
@@ -65,7 +84,7 @@ class KernelConfig:
             raise ValueError("a_bits must be 1..8")
         if self.family in BIT_FREE and (self.a_bits, self.w_planes, self.token_tiles) != (8, 0, 1):
             raise ValueError(f"{self.family} takes its bits at launch: build it as KernelConfig({self.family!r}, 8)")
-        if self.family in ("bmma", "gemv"):
+        if self.family in ("bmma", "gemv", "wgmma"):
             if not 1 <= self.w_planes <= 8:
                 raise ValueError("w_planes must be 1..8")
         if self.family == "gemv" and self.token_tiles not in gemv_max_tokens(self.w_planes, self.a_bits):
@@ -79,6 +98,12 @@ class KernelConfig:
             raise ValueError("n_tiles applies to the gemv family only")
         if self.w_bulk and (self.family != "gemv" or self.arch != "sm_90a"):
             raise ValueError("w_bulk (weights through the Hopper bulk-copy engine) needs the gemv family on sm_90a")
+        if self.family == "wgmma":
+            if self.arch != "sm_90a":
+                raise ValueError(f"the wgmma family needs sm_90a (Hopper warpgroup MMA), not {self.arch}")
+            if 8 * self.token_tiles not in WGMMA_TOKENS:
+                raise ValueError(f"wgmma token_tiles {self.token_tiles}: choose from "
+                                 f"{tuple(t // 8 for t in WGMMA_TOKENS)} (N = {WGMMA_TOKENS})")
         if self.family == "bmma":
             if self.token_tiles not in token_tile_choices(self.w_planes, self.a_bits):
                 raise ValueError(f"token_tiles {self.token_tiles} not allowed for P={self.w_planes}, Q={self.a_bits}: "
@@ -95,6 +120,8 @@ class KernelConfig:
         if self.family == "gemv":
             return (f"abqc_gemv_p{self.w_planes}_q{self.a_bits}_m{self.token_tiles}_n{self.n_tiles}"
                     + ("_bulk" if self.w_bulk else ""))
+        if self.family == "wgmma":
+            return f"abqc_wgmma_p{self.w_planes}_q{self.a_bits}_n{8 * self.token_tiles}"
         return f"abqc_bmma_p{self.w_planes}_q{self.a_bits}_tm{self.token_tiles}"
 
     def source(self) -> str:
@@ -106,6 +133,10 @@ class KernelConfig:
         if self.family == "gemv":
             defines += [f"#define P {self.w_planes}", f"#define MT {self.token_tiles}", f"#define NTW {self.n_tiles}",
                         f"#define WBULK {int(self.w_bulk)}"]
+        if self.family == "wgmma":
+            tn = 8 * self.token_tiles
+            defines += [f"#define P {self.w_planes}", f"#define TN {tn}",
+                        f"#define KC {wgmma_k_steps(self.w_planes, self.a_bits, tn)}", f"#define WGS {WGMMA_WARPGROUPS}"]
         if self.family == "quant_int8":
             defines.append("#define INT8_CODES")
         if self.family in BIT_FREE:
@@ -126,7 +157,7 @@ class KernelConfig:
 
 def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
     """Every kernel the runtime may launch: bmma for all (P, Q) in 1..8 with each token-tile choice, the
-    GEMV builds (on sm_90a also their bulk-copy twins), the activation packer for Q in 1..8, and the INT8
+    GEMV builds (on sm_90a also their bulk-copy twins and the wgmma GEMM for each token tile), the activation packer for Q in 1..8, and the INT8
     family's kernels."""
     out = [KernelConfig(f, q, arch=arch) for f in ("quant_pack", "quant_int8") for q in range(1, 9)]
     out += [KernelConfig(f, 8, arch=arch) for f in BIT_FREE]
@@ -135,4 +166,6 @@ def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
             out += [KernelConfig("bmma", q, p, tm, arch) for tm in token_tile_choices(p, q)]
             out += [KernelConfig("gemv", q, p, mt, arch, u, bulk) for mt in gemv_max_tokens(p, q)
                     for u in gemv_channel_tiles(p, q, mt) for bulk in ((False, True) if arch == "sm_90a" else (False,))]
+            if arch == "sm_90a":
+                out += [KernelConfig("wgmma", q, p, tn // 8, arch) for tn in WGMMA_TOKENS]
     return out

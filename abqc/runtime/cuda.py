@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import threading
 
 import torch
 
 from ..codegen import layout, planner
-from ..codegen.config import FP8_MAX_BITS, KernelConfig, gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices
+from ..codegen.config import (FP8_MAX_BITS, WGMMA_WARPGROUPS, KernelConfig, gemv_channel_tiles, gemv_max_tokens,
+                              gemv_tokens, token_tile_choices, wgmma_smem_bytes)
 from ..errors import AbqcError, NoCudaError
 
 _LOCK = threading.Lock()
@@ -64,6 +66,7 @@ class _Int8EpiArgs(ctypes.Structure):
 
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 MAX_SMEM = 160 * 1024     # dynamic shared memory a kernel may ask for (sm_80: 163 KB, sm_90: 227 KB)
+SM90_MAX_SMEM = 227 * 1024   # sm_90a builds (the wgmma family's two stages) may ask for this much
 STAGE_LIMIT = 96 * 1024   # activation rows staged in shared memory up to this size
 
 
@@ -154,7 +157,8 @@ def function(cfg: KernelConfig, device: torch.device):
             err, fn = drv.cuModuleGetFunction(mod, cfg.name.encode())
             _check(err, f"finding {cfg.name}")
             err, = drv.cuFuncSetAttribute(
-                fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, MAX_SMEM)
+                fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                SM90_MAX_SMEM if cfg.family == "wgmma" else MAX_SMEM)
             _check(err, "raising the shared-memory limit")
         _FUNCS[key] = (mod, fn)
         return _FUNCS[key]
@@ -440,7 +444,7 @@ def launch_tile(m: int, p: int, q: int, n: int, kw: int, group_words: int, arch:
     return tile
 
 
-PACKED_FAMILIES = ("gemv", "gemvt", "bmma")   # bit-plane kernels fed by the activation packer (an online Hadamard can fuse into it)
+PACKED_FAMILIES = ("gemv", "gemvt", "bmma", "wgmma")   # bit-plane kernels fed by the activation packer (an online Hadamard can fuse into it)
 GEMVQ_FAMILIES = ("gemvq", "gemvqt")         # the GEMV quantizing its activations in-kernel (one launch)
 BULK_FAMILIES = ("gemvt", "gemvqt")          # GEMV builds streaming weights by bulk copies (sm_90a)
 INT8_FAMILIES = ("int8", "int8k", "fp8")   # centred codes of both sides and one integer GEMM (int8_linear)
@@ -465,8 +469,9 @@ def parse_tile(text: str | None) -> tuple | None:
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
-    tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM or
-    "gemv" / "gemvt" (per-channel, few tokens; t: weights by bulk copies, sm_90a); None: launch_tile (tuned
+    tile = (family, warps splitting K, token tiles[, channel tiles per warp (gemv)]): "bmma" GEMM,
+    "gemv" / "gemvt" (per-channel, few tokens; t: weights by bulk copies, sm_90a) or ("wgmma",
+    WGMMA_WARPGROUPS, tokens / 8) (per-channel, Hopper warpgroup MMA, sm_90a); None: launch_tile (tuned
     plan, else default)."""
     require_cuda("abqc.runtime.cuda.bmma()", w_tiled, a_planes)
     q, m, kw = a_planes.shape
@@ -482,7 +487,6 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     if family not in PACKED_FAMILIES:
         raise ValueError(f"bmma() launches the bit-plane families {', '.join(PACKED_FAMILIES)}, not {family!r} "
                          "(bmma_linear does)")
-    ntw = rest[0] if rest else 1
     out = (torch.empty(m, n, groups, dtype=torch.int32, device=dev) if mode == 0
            else torch.empty(m, n, dtype=out_dtype, device=dev))
     if m == 0 or n == 0:
@@ -494,19 +498,43 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
                  _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(a_sum),
                  _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype], 0,
                  a_sum.shape[1] if a_sum is not None and groups == 1 else 1)
+    _plane_launch(args, (family, wk, tm, *rest), m, q, p, nt, groups, kw, dev)()
+    return out
+
+
+def _plane_launch(args: _Args, tile: tuple, m: int, q: int, p: int, nt: int, groups: int, kw: int, dev):
+    """Check and prepare one launch of a packer-fed bit-plane family (PACKED_FAMILIES): a no-argument callable
+    launching it with args' contents at call time (bmma() fills args once; PackedLauncher per call)."""
+    family, wk, tm, *rest = tile
     stride = _stage_stride(kw)
     if family in ("gemv", "gemvt"):
-        _gemv_launch(args, m, q, p, nt, groups, (wk, tm, ntw), stride, dev, bulk=family == "gemvt")()
-        return out
+        return _gemv_launch(args, m, q, p, nt, groups, (wk, tm, rest[0] if rest else 1), stride, dev,
+                            bulk=family == "gemvt")
+    if family == "wgmma":
+        return _wgmma_launch(args, m, q, p, nt, groups, wk, tm, dev)
     _, fn = function(_config("bmma", q, p, tm, arch_of(dev)), dev)
     red = wk * 32 * tm * 4 * 4
     stage = q * min(8 * tm, m) * stride * 4
     if red + stage <= min(STAGE_LIMIT, MAX_SMEM):
         args.stage_stride = stride
     else:
-        stage = 0
-    _launch(fn, (nt, -(-m // (8 * tm))), wk * 32, red + stage, args, dev)
-    return out
+        args.stage_stride, stage = 0, 0
+    return _prepared(fn, (nt, -(-m // (8 * tm))), wk * 32, red + stage, args, dev)
+
+
+def _wgmma_launch(args: _Args, m: int, q: int, p: int, nt: int, groups: int, wk: int, tm: int, dev):
+    """Check a wgmma launch and prepare it (grid: 64-channel warpgroup tiles x token tiles of 8*tm)."""
+    if groups != 1:
+        raise ValueError("the wgmma family serves per-channel weights only")
+    arch = arch_of(dev)
+    if arch != "sm_90a":
+        raise ValueError(f"the wgmma family needs sm_90a (Hopper warpgroup MMA), not {arch}: use bmma")
+    if wk != WGMMA_WARPGROUPS:
+        raise ValueError(f"wgmma tiles are built for {WGMMA_WARPGROUPS} warpgroups per block, not {wk}")
+    cfg = _config("wgmma", q, p, tm, arch)    # validates tm
+    _, fn = function(cfg, dev)
+    grid = (-(-nt // (4 * WGMMA_WARPGROUPS)), -(-m // (8 * tm)))
+    return _prepared(fn, grid, 128 * WGMMA_WARPGROUPS, wgmma_smem_bytes(p, q, 8 * tm), args, dev)
 
 
 def _stage_stride(kw: int) -> int:
@@ -574,6 +602,54 @@ class GemvqLauncher:
         return out
 
 
+class PackedLauncher:
+    """The activation packer and one packer-fed bit-plane kernel (PACKED_FAMILIES: gemv at decode) prepared
+    once for (M, dtype, device): an eager call costs two allocations and two cuLaunchKernel, where
+    bmma_linear rebuilds both launches' parameters and configs in Python on every call. The packer's four
+    outputs share one int32 buffer per call. Holds references to the tensors it points at."""
+
+    def __init__(self, x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                 group_words: int, groups: int, in_features: int, act_symmetric: bool, tile: tuple):
+        require_cuda("abqc.runtime.cuda.PackedLauncher()", x, w_tiled)
+        if x.dtype not in _DTYPE_CODE:
+            raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
+        if tile[0] not in PACKED_FAMILIES:
+            raise ValueError(f"PackedLauncher launches the packer-fed families {', '.join(PACKED_FAMILIES)}, "
+                             f"not {tile[0]!r}")
+        nt, steps, p = w_tiled.shape[:3]
+        sg, kw = layout.steps_per_group(group_words), groups * group_words
+        if steps != groups * sg or nt * 16 < n:
+            raise ValueError("tiled weights do not match the activation planes' K layout")
+        self.m, self.n, self.dev, self.dtype = x.shape[0], n, x.device, x.dtype
+        cw, nchunks = pack_chunks(group_words, groups, self.m)
+        nsum = nchunks if groups == 1 else groups
+        # int32 words of planes [Q, M, KW], code sums [M, nsum], scale (float32) [M], zero [M]
+        self.offsets = list(itertools.accumulate((0, a_bits * self.m * kw, self.m * nsum, self.m, self.m)))
+        self.keep = (w_tiled, w_scale, w_zero, w_sum, bias)
+        self.qargs = _QArgs(None, _DTYPE_CODE[x.dtype], self.m, in_features, kw, group_words, groups,
+                            int(act_symmetric), None, None, None, None, cw, nchunks, None)
+        self.args = _Args(w_tiled.data_ptr(), None, self.m, n, in_features, groups, group_words, sg,
+                          _ptr(w_scale), _ptr(w_zero), _ptr(w_sum), None, None, None, _ptr(bias), None,
+                          _DTYPE_CODE[x.dtype], 0, nsum if groups == 1 else 1)
+        self.pack = self.gemm = None
+        if self.m and n:
+            _, fq = function(_config("quant_pack", a_bits, 0, 1, arch_of(self.dev)), self.dev)
+            self.pack = _prepared(fq, (self.m, nchunks), 256, 0, self.qargs, self.dev)
+            self.gemm = _plane_launch(self.args, tuple(tile), self.m, a_bits, p, nt, groups, kw, self.dev)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.m, self.n, dtype=self.dtype, device=self.dev)
+        if self.pack is not None:
+            buf = torch.empty(self.offsets[-1], dtype=torch.int32, device=self.dev)
+            planes, sums, scale, zero = (buf.data_ptr() + 4 * o for o in self.offsets[:4])
+            q, a = self.qargs, self.args
+            q.x, q.planes, q.sums, q.scale, q.zero = x.data_ptr(), planes, sums, scale, zero
+            self.pack()
+            a.act, a.a_sum, a.a_scale, a.a_zero, a.out = planes, sums, scale, zero, out.data_ptr()
+            self.gemm()
+        return out
+
+
 def gemv_quant(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
                words: int, in_features: int, act_symmetric: bool, tile: tuple, integer: bool = False):
     """The "gemvq" family: one gemv launch that quantizes and packs x [M, K] itself (per-channel weights,
@@ -589,7 +665,8 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
                     group_words: int, groups: int, in_features: int, act_symmetric: bool, tile=None,
                     hadamard_block: torch.Tensor | None = None):
     """A callable x -> y equal to bmma_linear(x, ...) for inputs of x's shape, dtype and device: a prepared
-    GemvqLauncher where the tile is "gemvq", else bmma_linear with the tile resolved once. hadamard_block:
+    GemvqLauncher where the tile is "gemvq", a PackedLauncher (packer + bit-plane kernel) for the packer-fed
+    families, else bmma_linear with the tile resolved once. hadamard_block:
     the input first goes through that online Hadamard, fused into the activation quantizer (per-call-site
     row counters) where the planner chose so (planner.hadamard_fused), else as a launch of its own."""
     arch = arch_of(x.device)
@@ -603,6 +680,8 @@ def linear_launcher(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_s
         return lambda x2: run(hadamard_cuda(x2, hadamard_block))
     args = (w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, groups, in_features, act_symmetric, tile)
     if hadamard_block is None:
+        if tile[0] in PACKED_FAMILIES:
+            return PackedLauncher(x, *args)
         return lambda x2: bmma_linear(x2, *args)
     fused = tile[0] in PACKED_FAMILIES and planner.hadamard_fused(
         n, groups * group_words, group_words, w_tiled.shape[2], a_bits, x.shape[0], arch, hadamard_block.shape[0])
