@@ -40,16 +40,22 @@ WGMMA_TOKENS = (32, 64, 128)   # its token tiles (the MMA's N)
 WGMMA_STAGE_BUDGET = 100 * 1024  # bytes per cp.async stage (two in flight)
 
 
+def _wgmma_step_bytes(p: int, q: int, tn: int) -> int:
+    """Shared memory of one K step in a wgmma stage (wgmma.cu's W_STAGE + A_STAGE per step): the block's
+    4*WGMMA_WARPGROUPS channel tiles x P planes x 512 bytes, and Q planes x tn token rows x 32 bytes."""
+    return WGMMA_WARPGROUPS * 4 * p * 512 + q * tn * 32
+
+
 def wgmma_k_steps(p: int, q: int, tn: int) -> int:
     """K steps per pipeline stage of a wgmma build: at most 4, a stage's weights and activations within
     WGMMA_STAGE_BUDGET, and a warp's weight fragments of a stage (P * steps) in at most 32 registers."""
-    per_step = WGMMA_WARPGROUPS * 4 * p * 512 + q * tn * 32
+    per_step = _wgmma_step_bytes(p, q, tn)
     return next(kc for kc in (4, 2, 1) if kc == 1 or (kc * per_step <= WGMMA_STAGE_BUDGET and p * kc <= 8))
 
 
 def wgmma_smem_bytes(p: int, q: int, tn: int) -> int:
     """Dynamic shared memory of a wgmma build: two stages."""
-    return 2 * wgmma_k_steps(p, q, tn) * (WGMMA_WARPGROUPS * 4 * p * 512 + q * tn * 32)
+    return 2 * wgmma_k_steps(p, q, tn) * _wgmma_step_bytes(p, q, tn)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class KernelConfig:
     columns are (token, activation plane) pairs; w_bulk=True (sm_90a only): its weights stream into shared
     memory through the Hopper bulk-copy engine (cp.async.bulk + mbarriers) instead of register loads.
     family "wgmma" (sm_90a only): per-channel bit-plane GEMM on the Hopper warpgroup MMA (m64nNk256 b1
-    AND-popc) for blocks of WGMMA_WARPGROUPS*64 channels x 8*token_tiles tokens (N = 32 or 64).
+    AND-popc) for blocks of WGMMA_WARPGROUPS*64 channels x 8*token_tiles tokens (N in WGMMA_TOKENS).
     family "quant_pack": per-token activation quantization + packing to Q planes.
     INT8 family (a GEMM on the INT8 tensor cores, torch._int_mm, between these): "quant_int8" quantizes
     activations to centred int8 codes; "int8_unpack" turns tiled weight planes into centred int8 codes and

@@ -14,7 +14,7 @@ codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in share
 copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
 FP8 tensor cores run ~1.5x torch._int_mm; exact on the H200, but its whole linear measured 1.4-4.1x slower
 than "int8" there, so not tuned: FP8_FAMILY_ENABLED) and "wgmma" (per-channel, M >= WGMMA_MIN_BUCKET,
-sm_90a: the bit-plane GEMM on the Hopper warpgroup MMA, m64nNk256 b1 AND-popc, N = 32 or 64 tokens).
+sm_90a: the bit-plane GEMM on the Hopper warpgroup MMA, m64nNk256 b1 AND-popc, N = 32, 64 or 128 tokens).
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus

@@ -466,6 +466,15 @@ def parse_tile(text: str | None) -> tuple | None:
     return (family, *values)
 
 
+def _tiled_shape(w_tiled: torch.Tensor, n: int, groups: int, group_words: int) -> tuple[int, int, int]:
+    """(channel tiles, weight planes, steps per group) of tiled weights, checked against N and the K layout."""
+    nt, steps, p = w_tiled.shape[:3]
+    sg = layout.steps_per_group(group_words)
+    if steps != groups * sg or nt * 16 < n:
+        raise ValueError("tiled weights do not match the activation planes' K layout")
+    return nt, p, sg
+
+
 def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int, group_words: int,
          mode: int, epi: dict | None = None, tile: tuple | None = None, out_dtype=torch.float16):
     """Launch a bit-plane kernel. mode 0: int32 acc [M, N, G]; otherwise y [M, N] in out_dtype.
@@ -475,11 +484,8 @@ def bmma(w_tiled: torch.Tensor, a_planes: torch.Tensor, n: int, in_features: int
     plan, else default)."""
     require_cuda("abqc.runtime.cuda.bmma()", w_tiled, a_planes)
     q, m, kw = a_planes.shape
-    nt, steps, p = w_tiled.shape[:3]
     groups = kw // group_words
-    sg = layout.steps_per_group(group_words)
-    if steps != groups * sg or nt * 16 < n:
-        raise ValueError("tiled weights do not match the activation planes' K layout")
+    nt, p, sg = _tiled_shape(w_tiled, n, groups, group_words)
     dev = a_planes.device
     family, wk, tm, *rest = tile or launch_tile(m, p, q, n, kw, group_words, arch_of(dev))
     # bmma() takes packed planes: the quantizing GEMV builds read them like their packer-fed twins
@@ -616,10 +622,8 @@ class PackedLauncher:
         if tile[0] not in PACKED_FAMILIES:
             raise ValueError(f"PackedLauncher launches the packer-fed families {', '.join(PACKED_FAMILIES)}, "
                              f"not {tile[0]!r}")
-        nt, steps, p = w_tiled.shape[:3]
-        sg, kw = layout.steps_per_group(group_words), groups * group_words
-        if steps != groups * sg or nt * 16 < n:
-            raise ValueError("tiled weights do not match the activation planes' K layout")
+        nt, p, sg = _tiled_shape(w_tiled, n, groups, group_words)
+        kw = groups * group_words
         self.m, self.n, self.dev, self.dtype = x.shape[0], n, x.device, x.dtype
         cw, nchunks = pack_chunks(group_words, groups, self.m)
         nsum = nchunks if groups == 1 else groups

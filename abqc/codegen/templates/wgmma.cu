@@ -62,15 +62,6 @@ __device__ __forceinline__ unsigned long long b_desc(const void *tile) {
          ((unsigned long long)(256 >> 4) << 32);
 }
 
-__device__ __forceinline__ void cp_async16z(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((u32)__cvta_generic_to_shared(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4z(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((u32)__cvta_generic_to_shared(dst)),
-               "l"(src), "r"(valid ? 4 : 0));
-}
-
 // Stage chunk c (steps c*KC ..) into one stage: weights [KC][WTILES][P][32] uint4 (each (tile, step) is
 // 512*P contiguous bytes of the tiled layout), then activations [KC][Q][TN rows x 32 bytes, core-matrix
 // order]. Past K, N or M: zeros (a zero plane adds nothing to AND+popc).
