@@ -71,7 +71,14 @@ __device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
 __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
   const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
 #pragma unroll
-  for (int i = 0; i < P; ++i) wf[i] = __ldg(src + i * 32);
+  for (int i = 0; i < P; ++i) {
+#if defined(GEMV_NOALLOC)
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(wf[i].x), "=r"(wf[i].y),
+                 "=r"(wf[i].z), "=r"(wf[i].w) : "l"(src + i * 32));
+#else
+    wf[i] = __ldg(src + i * 32);
+#endif
+  }
 }
 #endif
 
@@ -82,12 +89,17 @@ __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, u
 // group), scaled by the weight scale: 2^F * sum (u_a - za)(u_w - zw) = (c - za*sw) 2^F - zw_F (sa - kg*za)
 // in integers, then one float conversion and the exact 2^-F (an integer zero gives the same float bits
 // as the plain integer formula).
+// The same from the group's weight terms already in registers (ws scale, zw fixed-point zero, wsum code sum;
+// kg: the group's K).
+__device__ __forceinline__ float term_of(i64 kg, float ws, i64 zw, i64 wsum, int c, i64 za, i64 sa) {
+  const i64 tv = ((i64)c - za * wsum) * (1 << W_ZERO_FRAC_BITS) - zw * (sa - kg * za);
+  return ws * ((float)tv * (1.f / (1 << W_ZERO_FRAC_BITS)));
+}
+
 __device__ __forceinline__ float group_term_of(const Args &a, int n, int grp, int c, i64 za, i64 sa) {
   const int gs = a.gw * 32;
-  const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1);
-  const i64 zw = a.w_zero[(i64)n * a.G + grp];
-  const i64 tv = ((i64)c - za * a.w_sum[(i64)n * a.G + grp]) * (1 << W_ZERO_FRAC_BITS) - zw * (sa - kg * za);
-  return a.w_scale[(i64)n * a.G + grp] * ((float)tv * (1.f / (1 << W_ZERO_FRAC_BITS)));
+  const i64 kg = grp < a.G - 1 ? gs : a.K - (i64)gs * (a.G - 1), i = (i64)n * a.G + grp;
+  return term_of(kg, a.w_scale[i], a.w_zero[i], a.w_sum[i], c, za, sa);
 }
 
 __device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp, int c) {

@@ -9,6 +9,9 @@
 typedef unsigned int u32;
 typedef long long i64;
 
+#define PRE 4   // chunk values a thread holds from the first pass (pre)
+#define RD 8    // min/max pass: 16-byte loads a thread keeps in flight
+
 struct QArgs {
   const void *x; int in_dtype;        // 1 f32, 2 f16, 3 bf16; x is [M][K] contiguous
   int M, K, KW, gw, G, symmetric;
@@ -42,17 +45,27 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   const int m = blockIdx.x, chunk = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
   const i64 base = (i64)m * a.K;
+  const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
+  // A chunk of at most PRE words per warp (decode rows: 16-word chunks) has its values loaded here, in
+  // flight together with the min/max pass's loads: one memory round trip before the codes, not two.
+  const bool pre = a.chunk_words <= PRE * nwarps;
+  float pv[PRE];
+#pragma unroll
+  for (int i = 0; i < PRE; ++i) {
+    const int w = w_begin + warp + i * nwarps, k = w * 32 + lane;
+    pv[i] = pre && w < w_end && k < a.K ? load_x(a, base + k) : 0.f;
+  }
   float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
   const int per_vec = a.in_dtype == 1 ? 4 : 8;
   if (a.K % per_vec == 0) {
     const uint4 *row = (const uint4 *)((const char *)a.x + base * (a.in_dtype == 1 ? 4 : 2));
     const int nv = a.K / per_vec;
-    for (int v0 = threadIdx.x; v0 < nv; v0 += 4 * blockDim.x) {
-      uint4 r[4];
+    for (int v0 = threadIdx.x; v0 < nv; v0 += RD * blockDim.x) {   // RD loads a thread in flight
+      uint4 r[RD];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) if (v0 + u * blockDim.x < nv) r[u] = __ldg(row + v0 + u * blockDim.x);
+      for (int u = 0; u < RD; ++u) if (v0 + u * blockDim.x < nv) r[u] = __ldg(row + v0 + u * blockDim.x);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < RD; ++u) {
         if (v0 + u * blockDim.x >= nv) break;
         const u32 w[4] = {r[u].x, r[u].y, r[u].z, r[u].w};
 #pragma unroll
@@ -93,12 +106,20 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   float scale, zero;
   act_grid(lo, hi, a.symmetric, scale, zero);
   if (chunk == 0 && threadIdx.x == 0) { a.scale[m] = scale; a.zero[m] = (int)zero; }
-  const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
   const int g0 = a.G == 1 ? 0 : w_begin / a.gw;
-  for (int w = w_begin + warp; w < w_end; w += nwarps) {
+  for (int w = w_begin + warp, i = 0; w < w_end; w += nwarps, ++i) {
     const int k = w * 32 + lane;
     int u = 0;
-    if (k < a.K) u = act_code(load_x(a, base + k), scale, zero);
+    if (k < a.K) {
+      float v = 0.f;
+      if (pre) {
+#pragma unroll
+        for (int e = 0; e < PRE; ++e) if (e == i) v = pv[e];   // registers stay registers: no dynamic index
+      } else {
+        v = load_x(a, base + k);
+      }
+      u = act_code(v, scale, zero);
+    }
 #ifdef INT8_CODES
     // the INT8 family (int8.cu): centred codes a8 = u - 2^(Q-1), zero past K; sums are of a8
     const int code = k < a.K ? u - (1 << (Q - 1)) : 0;

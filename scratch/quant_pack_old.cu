@@ -1,0 +1,127 @@
+// abqc activation path: per-token dynamic quantization and bit-plane packing (or, built with
+// INT8_CODES, centred int8 codes for the INT8 family). The generator prepends Q (activation bits). Grid (tokens, K chunks): every block reads its whole
+// row for the range (16-byte loads where the row allows), then quantizes and packs only its chunk of
+// words: a token's packing is spread over many SMs. Codes never touch memory: each warp turns 32
+// codes into Q words with __ballot_sync (lane l -> bit l, the canonical LSB-first layout). Same
+// float32 arithmetic as abqc.quant (act_grid.cuh), so the codes equal the CPU reference's.
+// Code sums: per group when groups are split across chunks never happens (G > 1: chunks hold whole
+// groups) -> sums[m][g]; per-channel (G == 1) -> one partial per chunk, sums[m][chunk].
+typedef unsigned int u32;
+typedef long long i64;
+
+struct QArgs {
+  const void *x; int in_dtype;        // 1 f32, 2 f16, 3 bf16; x is [M][K] contiguous
+  int M, K, KW, gw, G, symmetric;
+  u32 *planes;                        // [Q][M][KW]
+  int *sums;                          // [M][G] or [M][nchunks] when G == 1
+  float *scale; int *zero;            // [M]
+  int chunk_words, nchunks;
+  signed char *codes;                 // INT8_CODES builds: [M][KW * 32] instead of planes
+};
+
+__device__ __forceinline__ float h2f(unsigned short h, int bf) {
+  if (bf) return __uint_as_float(((u32)h) << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+  return v;
+}
+
+__device__ __forceinline__ float load_x(const QArgs &a, i64 i) {
+  if (a.in_dtype == 1) return ((const float *)a.x)[i];
+  return h2f(((const unsigned short *)a.x)[i], a.in_dtype == 3);
+}
+
+extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // the GEMV after this packer may launch now (programmatic dependent launch): it streams its weights
+  // while this kernel runs and waits (griddepcontrol.wait) before it reads what this kernel writes
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  __shared__ float smin[8], smax[8];
+  __shared__ int gsum[64];
+  const int m = blockIdx.x, chunk = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const i64 base = (i64)m * a.K;
+  float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+  const int per_vec = a.in_dtype == 1 ? 4 : 8;
+  if (a.K % per_vec == 0) {
+    const uint4 *row = (const uint4 *)((const char *)a.x + base * (a.in_dtype == 1 ? 4 : 2));
+    const int nv = a.K / per_vec;
+    for (int v0 = threadIdx.x; v0 < nv; v0 += 4 * blockDim.x) {
+      uint4 r[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) if (v0 + u * blockDim.x < nv) r[u] = __ldg(row + v0 + u * blockDim.x);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (v0 + u * blockDim.x >= nv) break;
+        const u32 w[4] = {r[u].x, r[u].y, r[u].z, r[u].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (a.in_dtype == 1) {
+            const float f = __uint_as_float(w[e]);
+            lo = fminf(lo, f); hi = fmaxf(hi, f);
+          } else {
+            const float f0 = h2f((unsigned short)(w[e] & 0xffff), a.in_dtype == 3);
+            const float f1 = h2f((unsigned short)(w[e] >> 16), a.in_dtype == 3);
+            lo = fminf(lo, fminf(f0, f1)); hi = fmaxf(hi, fmaxf(f0, f1));
+          }
+        }
+      }
+    }
+  } else {
+    for (int k0 = threadIdx.x; k0 < a.K; k0 += 8 * blockDim.x) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int k = k0 + u * blockDim.x;
+        v[u] = k < a.K ? load_x(a, base + k) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (k0 + u * blockDim.x < a.K) { lo = fminf(lo, v[u]); hi = fmaxf(hi, v[u]); }
+    }
+  }
+  for (int o = 16; o; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if (lane == 0) { smin[warp] = lo; smax[warp] = hi; }
+  for (int i = threadIdx.x; i < 64; i += blockDim.x) gsum[i] = 0;
+  __syncthreads();
+  lo = smin[0]; hi = smax[0];
+  for (int w = 1; w < nwarps; ++w) { lo = fminf(lo, smin[w]); hi = fmaxf(hi, smax[w]); }
+  float scale, zero;
+  act_grid(lo, hi, a.symmetric, scale, zero);
+  if (chunk == 0 && threadIdx.x == 0) { a.scale[m] = scale; a.zero[m] = (int)zero; }
+  const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
+  const int g0 = a.G == 1 ? 0 : w_begin / a.gw;
+  for (int w = w_begin + warp; w < w_end; w += nwarps) {
+    const int k = w * 32 + lane;
+    int u = 0;
+    if (k < a.K) u = act_code(load_x(a, base + k), scale, zero);
+#ifdef INT8_CODES
+    // the INT8 family (int8.cu): centred codes a8 = u - 2^(Q-1), zero past K; sums are of a8
+    const int code = k < a.K ? u - (1 << (Q - 1)) : 0;
+    a.codes[(i64)m * a.KW * 32 + k] = (signed char)code;
+    int sum = code;
+#else
+    u32 mine = 0;   // lane j keeps plane j's word and stores it: Q stores in parallel
+#pragma unroll
+    for (int j = 0; j < Q; ++j) {
+      const u32 bits = __ballot_sync(0xffffffffu, (u >> j) & 1);
+      if (lane == j) mine = bits;
+    }
+    if (lane < Q) a.planes[((i64)lane * a.M + m) * a.KW + w] = mine;
+    int sum = u;
+#endif
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) atomicAdd(&gsum[a.G == 1 ? 0 : w / a.gw - g0], sum);
+  }
+  __syncthreads();
+  if (a.G == 1) {
+    if (threadIdx.x == 0) a.sums[(i64)m * a.nchunks + chunk] = gsum[0];
+  } else {
+    const int g1 = (w_end + a.gw - 1) / a.gw;
+    for (int gi = g0 + threadIdx.x; gi < g1; gi += blockDim.x) a.sums[(i64)m * a.G + gi] = gsum[gi - g0];
+  }
+}
