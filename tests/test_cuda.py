@@ -72,6 +72,29 @@ def test_quant_pack_matches_cpu(q, dtype, symmetric):
         assert torch.equal(planes.cpu(), ref_planes) and torch.equal(got_sums, ref_sums)
 
 
+@pytest.mark.parametrize("q", (1, 3, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_packers_prefill_rows_staged_in_shared_memory(q, dtype):
+    """Prefill rows (one packer block a row) are staged in shared memory once they fit (XS_BYTES): the
+    bit planes, the INT8 family's centred codes and both code sums still equal the CPU reference's; a row too
+    large to stage (K = 20000 in float32) takes the unstaged path."""
+    torch.manual_seed(q)
+    for m, k in ((600, 1000), (520, 4096), (512, 20000)):
+        x = (torch.randn(m, k) * torch.linspace(0.1, 4, m)[:, None]).to(dtype)
+        x[5] = x[5].abs()
+        kw = -(-k // 32)
+        assert cuda.pack_chunks(kw, 1, m)[1] == 1          # whole rows: the staged case
+        planes, sums, scale, zero = cuda.quant_pack(x.cuda(), q, kw, 1, k, False)
+        ref_planes, ref_sums, ref_s, ref_z = ops.pack_activation(x.float(), q, k, k, False)
+        assert torch.equal(planes.cpu(), ref_planes) and torch.equal(sums.cpu().long().sum(1, keepdim=True), ref_sums)
+        assert torch.equal(scale.cpu(), ref_s.view(-1)) and torch.equal(zero.cpu(), ref_z.view(-1).int())
+        codes, sums8, _, _ = cuda.quant_int8(x.cuda(), q, kw, k, False)
+        up, _, _, _ = ops.quantize_activation_padded(x.float(), q, k, k, False)
+        want = torch.zeros(m, kw * 32, dtype=torch.int64)
+        want[:, :k] = up[:, :k].long() - 2 ** (q - 1)
+        assert torch.equal(codes.cpu().long(), want) and torch.equal(sums8.cpu().long().sum(1), want.sum(1))
+
+
 @pytest.mark.parametrize("p,q", list(itertools.product(range(1, 9), range(1, 9))))
 def test_gemv_quantizing_in_kernel_exact_all_pairs(p, q):
     """The "gemvq" family (one launch, activations quantized in-kernel): its integer accumulators equal the
