@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: abqc bit-plane linears against cuBLAS FP16, INT8 (torch._int_mm),
 FP8 (torch._scaled_mm) and INT4 weight-only (torch._weight_int4pack_mm), all in one run.
 
-    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv gemvt gemvqt bmma wgmma int8 int8k fp8]
+    python benchmarks/kernels.py [--tune] [--quick] [--families gemvq gemv gemvt gemvqt bmma wgmma wgmma8 int8 int8k fp8]
 
 Times are medians of CUDA-graph replays after warm-up. Every call in a replay uses a different copy
 of the weights (enough copies to exceed twice the L2 cache), so weights stream from HBM as in a
@@ -46,7 +46,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B lin
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]
 DOWN_K = 11008                                          # down_proj input: where rotation puts an online Hadamard
 BITS = ["w2a8", "w2a4", "w3a8", "w4a4", "w4a8", "w6a6", "w8a8"]
-FAMILIES = ("gemvq", "gemv", "gemvt", "gemvqt", "bmma", "wgmma", "int8", "int8k", "fp8")
+FAMILIES = ("gemvq", "gemv", "gemvt", "gemvqt", "bmma", "wgmma", "wgmma8", "int8", "int8k", "fp8")
 
 
 def copy_bandwidth() -> float:
@@ -166,6 +166,10 @@ def bench_abqc(pair, ql, x, tune: bool, family: str | None = None):
             tile[0], "unpack + _int_mm")
         note = f"incl. activation quantize to int8 codes; quantize {pack_us:.1f} us, {gemm} + epilogue " \
                f"{us - pack_us:.1f} us"
+    elif tile[0] in rcuda.BYTE_FAMILIES:
+        pack_us = planner.time_us(lambda: rcuda.quant_u8(x, pair.a_bits, gw, ql.in_features, False))
+        note = f"incl. activation quantize to byte codes; quantize {pack_us:.1f} us, INT8 warpgroup MMA " \
+               f"unpacking the bit-planes in registers + epilogue {us - pack_us:.1f} us"
     else:
         def pack():
             return rcuda.quant_pack(x, pair.a_bits, gw, groups, ql.in_features, False)

@@ -1,6 +1,7 @@
 """Kernel generation without a GPU: every generated kernel compiles with NVRTC for sm_80 and sm_90a,
-uses binary tensor-core MMA (BMMA ... AND.POPC; the wgmma family BGMMA on sm_90a), never XOR.POPC, and keeps its accumulators in
-registers (no local-memory spills)."""
+uses binary tensor-core MMA (BMMA ... AND.POPC; the wgmma family BGMMA on sm_90a; the wgmma8 family the INT8
+warpgroup MMA IGMMA ... U8.U8), never XOR.POPC, and keeps its accumulators in registers (no local-memory
+spills)."""
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from abqc.codegen import layout
-from abqc.codegen.config import (WGMMA_TOKENS, KernelConfig, all_configs, gemv_channel_tiles, gemv_max_tokens,
-                                 token_tile_choices, wgmma_k_steps, wgmma_smem_bytes)
+from abqc.codegen.config import (WGMMA8_TOKENS, WGMMA8_WARPGROUPS, WGMMA_TOKENS, KernelConfig, all_configs,
+                                 gemv_channel_tiles, gemv_max_tokens, token_tile_choices, wgmma8_smem_bytes,
+                                 wgmma8_stage_bytes, wgmma8_stages, wgmma_k_steps, wgmma_smem_bytes)
 
 nvrtc = pytest.importorskip("abqc.codegen.nvrtc")
 try:
@@ -74,6 +76,13 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
             assert n >= cfg.w_planes * cfg.a_bits * wgmma_k_steps(cfg.w_planes, cfg.a_bits, tn), (cfg.name, n)
             assert "LDS.128" in s and "LDGSTS" in s, f"{cfg.name}: weights/activations not staged by cp.async"
             assert "BMMA" not in s.replace("BGMMA", ""), cfg.name
+        if cfg.family == "wgmma8":   # 8 INT8 warpgroup MMAs a step, fed by bulk copies, not serialized by ptxas
+            n = len(re.findall(rf"IGMMA\.64x{8 * cfg.token_tiles}x32\.U8\.U8", s))
+            assert n >= 8, (cfg.name, n)
+            assert s.count("WARPGROUP.DEPBAR") <= 2, f"{cfg.name}: MMAs serialized (a wait after each one)"
+            assert "UBLKCP" in s and "SYNCS" in s and "LDS.128" in s, f"{cfg.name}: no bulk-copied stages"
+        if cfg.family == "quant_u8":
+            assert "SHFL" in s and "STG.E" in s, cfg.name
         if cfg.family in ("bmma", "gemv"):
             n = len(re.findall(r"BMMA\.168256\.AND\.POPC", s))
             # at least one MMA per (weight plane, activation plane, token tile) or (weight plane, n8 tile)
@@ -101,6 +110,46 @@ def test_wgmma_configs():
                 assert wgmma_smem_bytes(p, q, tn) <= 200 * 1024, (p, q, tn)
     assert sum(c.family == "wgmma" for c in all_configs("sm_90a")) == 64 * len(WGMMA_TOKENS)
     assert not any(c.family == "wgmma" for c in all_configs("sm_80"))
+
+
+def test_wgmma8_configs():
+    """The wgmma8 family: sm_90a only, built once per weight width (a_bits=8 serves every activation width),
+    N in WGMMA8_TOKENS, 1 or 2 warpgroups, stages within the shared-memory budget."""
+    with pytest.raises(ValueError, match="needs sm_90a"):
+        KernelConfig("wgmma8", 8, 2, 8, "sm_80")
+    with pytest.raises(ValueError, match="a_bits=8"):
+        KernelConfig("wgmma8", 4, 2, 8, "sm_90a")
+    with pytest.raises(ValueError, match="token_tiles 2"):
+        KernelConfig("wgmma8", 8, 2, 2, "sm_90a")
+    with pytest.raises(ValueError, match="warpgroups 3"):
+        KernelConfig("wgmma8", 8, 2, 8, "sm_90a", warpgroups=3)
+    with pytest.raises(ValueError, match="wgmma8 family only"):
+        KernelConfig("bmma", 8, 2, 1, "sm_90a", warpgroups=2)
+    cfg = KernelConfig("wgmma8", 8, 3, 16, "sm_90a", warpgroups=2)
+    assert cfg.name == "abqc_wgmma8_p3_n128_wg2"
+    assert f"#define NS {wgmma8_stages(3, 128, 2)}" in cfg.source() and "#define WGS 2" in cfg.source()
+    for p in range(1, 9):
+        for tn in WGMMA8_TOKENS:
+            for wg in WGMMA8_WARPGROUPS:
+                assert 2 * wgmma8_stage_bytes(p, tn, wg) <= wgmma8_smem_bytes(p, tn, wg) <= 200 * 1024
+    assert sum(c.family == "wgmma8" for c in all_configs("sm_90a")) == 8 * len(WGMMA8_TOKENS) * len(WGMMA8_WARPGROUPS)
+    assert not any(c.family in ("wgmma8", "quant_u8") for c in all_configs("sm_80"))
+    assert "#define U8_TILED" in KernelConfig("quant_u8", 4).source()
+
+
+def test_byte_codes_layout():
+    """layout.byte_codes puts the code of k = 256s + 128h + 32t + 8e + c at chunk 8s + c, byte 16h + 4t + e of
+    its row, rows in 8-row core-matrix groups [half][row][16 bytes]; zero past K and in padding rows."""
+    m, k = 11, 300
+    u = torch.randint(0, 256, (m, k))
+    b = layout.byte_codes(u, 2).view(16, 2, 2, 8, 16)        # [chunk][row group][half][row][16 bytes]
+    for row, kk in [(0, 0), (3, 9), (10, 33), (7, 128 + 64 + 8 * 3 + 5), (9, 256 + 7), (10, 299)]:
+        s, r = divmod(kk, 256)
+        h, t, e, c = r // 128, r % 128 // 32, r % 32 // 8, r % 8
+        assert b[8 * s + c, row // 8, h, row % 8, 4 * t + e] == u[row, kk], (row, kk)
+    assert int(b.sum()) == int(u.sum())                       # every code once, zeros elsewhere
+    with pytest.raises(ValueError, match="do not fit"):
+        layout.byte_codes(u, 1)
 
 
 def test_config_validation():

@@ -8,7 +8,8 @@ import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 
-FAMILIES = ("bmma", "gemv", "wgmma", "quant_pack", "quant_int8", "int8_unpack", "int8_epilogue", "int8_gemm")
+FAMILIES = ("bmma", "gemv", "wgmma", "wgmma8", "quant_pack", "quant_int8", "quant_u8", "int8_unpack", "int8_epilogue",
+            "int8_gemm")
 BIT_FREE = ("int8_unpack", "int8_epilogue", "int8_gemm")   # one build serves every bit pair (bits are launch arguments)
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 FP8_MAX_BITS = 5   # the FP8 family: centred codes of up to 5 bits (-16..15) are exact in float8_e4m3fn
@@ -58,6 +59,26 @@ def wgmma_smem_bytes(p: int, q: int, tn: int) -> int:
     return 2 * wgmma_k_steps(p, q, tn) * _wgmma_step_bytes(p, q, tn)
 
 
+WGMMA8_TOKENS = (32, 64, 128)    # wgmma8 family: token tiles (the MMA's N)
+WGMMA8_WARPGROUPS = (1, 2)       # its consumer warpgroups per block (64 channels each)
+WGMMA8_SMEM_BUDGET = 200 * 1024  # bytes of its pipeline stages together
+WGMMA8_MAX_STAGES = 8
+
+
+def wgmma8_stage_bytes(p: int, tn: int, warpgroups: int) -> int:
+    """One wgmma8 pipeline stage (a 256-wide K step): 8 chunks x tn token rows x 32 bytes of activation codes
+    and the block's 4 * warpgroups channel tiles x P planes x 512 bytes of weights (wgmma8.cu STAGE_BYTES)."""
+    return tn * 256 + 4 * warpgroups * p * 512
+
+
+def wgmma8_stages(p: int, tn: int, warpgroups: int) -> int:
+    return max(2, min(WGMMA8_MAX_STAGES, WGMMA8_SMEM_BUDGET // wgmma8_stage_bytes(p, tn, warpgroups)))
+
+
+def wgmma8_smem_bytes(p: int, tn: int, warpgroups: int) -> int:
+    return wgmma8_stages(p, tn, warpgroups) * wgmma8_stage_bytes(p, tn, warpgroups)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """family "bmma": bit-plane GEMM (m16n8k256 b1 AND-popc) for P weight and Q activation planes in
@@ -67,7 +88,11 @@ class KernelConfig:
     memory through the Hopper bulk-copy engine (cp.async.bulk + mbarriers) instead of register loads.
     family "wgmma" (sm_90a only): per-channel bit-plane GEMM on the Hopper warpgroup MMA (m64nNk256 b1
     AND-popc) for blocks of WGMMA_WARPGROUPS*64 channels x 8*token_tiles tokens (N in WGMMA_TOKENS).
-    family "quant_pack": per-token activation quantization + packing to Q planes.
+    family "wgmma8" (sm_90a only): per-channel W(P)A8 GEMM on the Hopper INT8 warpgroup MMA (m64nNk32 u8),
+    weights unpacked from their P bit-planes in registers, activations as byte codes from "quant_u8" (any
+    Q <= 8: built with a_bits=8); blocks of 64*warpgroups channels x 8*token_tiles tokens (N in WGMMA8_TOKENS).
+    family "quant_pack": per-token activation quantization + packing to Q planes ("quant_u8": to byte
+    codes in wgmma8's K order).
     INT8 family (a GEMM on the INT8 tensor cores, torch._int_mm, between these): "quant_int8" quantizes
     activations to centred int8 codes; "int8_unpack" turns tiled weight planes into centred int8 codes and
     "int8_epilogue" undoes the centring and applies the scales; "int8_gemm" is the GEMM itself on the INT8
@@ -82,6 +107,7 @@ class KernelConfig:
     arch: str = "sm_90a"
     n_tiles: int = 1       # gemv: 16-channel tiles per warp
     w_bulk: bool = False   # gemv on sm_90a: weights via bulk copies into shared memory
+    warpgroups: int = 1    # wgmma8: consumer warpgroups per block
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -90,7 +116,7 @@ class KernelConfig:
             raise ValueError("a_bits must be 1..8")
         if self.family in BIT_FREE and (self.a_bits, self.w_planes, self.token_tiles) != (8, 0, 1):
             raise ValueError(f"{self.family} takes its bits at launch: build it as KernelConfig({self.family!r}, 8)")
-        if self.family in ("bmma", "gemv", "wgmma"):
+        if self.family in ("bmma", "gemv", "wgmma", "wgmma8"):
             if not 1 <= self.w_planes <= 8:
                 raise ValueError("w_planes must be 1..8")
         if self.family == "gemv" and self.token_tiles not in gemv_max_tokens(self.w_planes, self.a_bits):
@@ -110,6 +136,18 @@ class KernelConfig:
             if 8 * self.token_tiles not in WGMMA_TOKENS:
                 raise ValueError(f"wgmma token_tiles {self.token_tiles}: choose from "
                                  f"{tuple(t // 8 for t in WGMMA_TOKENS)} (N = {WGMMA_TOKENS})")
+        if self.family == "wgmma8":
+            if self.arch != "sm_90a":
+                raise ValueError(f"the wgmma8 family needs sm_90a (Hopper warpgroup MMA), not {self.arch}")
+            if self.a_bits != 8:
+                raise ValueError("wgmma8 reads byte codes of any activation width: build it with a_bits=8")
+            if 8 * self.token_tiles not in WGMMA8_TOKENS:
+                raise ValueError(f"wgmma8 token_tiles {self.token_tiles}: choose from "
+                                 f"{tuple(t // 8 for t in WGMMA8_TOKENS)} (N = {WGMMA8_TOKENS})")
+            if self.warpgroups not in WGMMA8_WARPGROUPS:
+                raise ValueError(f"wgmma8 warpgroups {self.warpgroups}: choose from {WGMMA8_WARPGROUPS}")
+        elif self.warpgroups != 1:
+            raise ValueError("warpgroups applies to the wgmma8 family only")
         if self.family == "bmma":
             if self.token_tiles not in token_tile_choices(self.w_planes, self.a_bits):
                 raise ValueError(f"token_tiles {self.token_tiles} not allowed for P={self.w_planes}, Q={self.a_bits}: "
@@ -119,7 +157,7 @@ class KernelConfig:
 
     @property
     def name(self) -> str:
-        if self.family in ("quant_pack", "quant_int8"):
+        if self.family in ("quant_pack", "quant_int8", "quant_u8"):
             return f"abqc_{self.family}_q{self.a_bits}"
         if self.family in BIT_FREE:
             return f"abqc_{self.family}"
@@ -128,6 +166,8 @@ class KernelConfig:
                     + ("_bulk" if self.w_bulk else ""))
         if self.family == "wgmma":
             return f"abqc_wgmma_p{self.w_planes}_q{self.a_bits}_n{8 * self.token_tiles}"
+        if self.family == "wgmma8":
+            return f"abqc_wgmma8_p{self.w_planes}_n{8 * self.token_tiles}_wg{self.warpgroups}"
         return f"abqc_bmma_p{self.w_planes}_q{self.a_bits}_tm{self.token_tiles}"
 
     def source(self) -> str:
@@ -143,15 +183,21 @@ class KernelConfig:
             tn = 8 * self.token_tiles
             defines += [f"#define P {self.w_planes}", f"#define TN {tn}",
                         f"#define KC {wgmma_k_steps(self.w_planes, self.a_bits, tn)}", f"#define WGS {WGMMA_WARPGROUPS}"]
+        if self.family == "wgmma8":
+            tn = 8 * self.token_tiles
+            defines += [f"#define P {self.w_planes}", f"#define TN {tn}", f"#define WGS {self.warpgroups}",
+                        f"#define NS {wgmma8_stages(self.w_planes, tn, self.warpgroups)}"]
         if self.family == "quant_int8":
             defines.append("#define INT8_CODES")
+        if self.family == "quant_u8":
+            defines.append("#define U8_TILED")
         if self.family in BIT_FREE:
             defines.append(f"#define {self.family.upper()}")
-        if self.family not in ("quant_pack", "quant_int8"):
+        if self.family not in ("quant_pack", "quant_int8", "quant_u8"):
             parts.append(templates.joinpath("common.cuh").read_text())
         else:
             parts.append(templates.joinpath("act_grid.cuh").read_text())
-        template = {"quant_int8": "quant_pack", "int8_unpack": "int8", "int8_epilogue": "int8",
+        template = {"quant_int8": "quant_pack", "quant_u8": "quant_pack", "int8_unpack": "int8", "int8_epilogue": "int8",
                     "int8_gemm": "int8"}.get(self.family, self.family)
         parts.append(templates.joinpath(f"{template}.cu").read_text())
         head = "\n".join(["// generated by abqc.codegen from " + repr(asdict(self))] + defines)
@@ -163,9 +209,12 @@ class KernelConfig:
 
 def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
     """Every kernel the runtime may launch: bmma for all (P, Q) in 1..8 with each token-tile choice, the
-    GEMV builds (on sm_90a also their bulk-copy twins and the wgmma GEMM for each token tile), the activation packer for Q in 1..8, and the INT8
-    family's kernels."""
+    GEMV builds (on sm_90a also their bulk-copy twins, the wgmma GEMM for each token tile, the wgmma8 GEMM for
+    each P, token tile and warpgroup count, and its byte-code quantizer), the activation packer for Q in 1..8,
+    and the INT8 family's kernels."""
     out = [KernelConfig(f, q, arch=arch) for f in ("quant_pack", "quant_int8") for q in range(1, 9)]
+    if arch == "sm_90a":
+        out += [KernelConfig("quant_u8", q, arch=arch) for q in range(1, 9)]
     out += [KernelConfig(f, 8, arch=arch) for f in BIT_FREE]
     for p in range(1, 9):
         for q in range(1, 9):
@@ -174,4 +223,7 @@ def all_configs(arch: str = "sm_90a") -> list[KernelConfig]:
                     for u in gemv_channel_tiles(p, q, mt) for bulk in ((False, True) if arch == "sm_90a" else (False,))]
             if arch == "sm_90a":
                 out += [KernelConfig("wgmma", q, p, tn // 8, arch) for tn in WGMMA_TOKENS]
+        if arch == "sm_90a":
+            out += [KernelConfig("wgmma8", 8, p, tn // 8, arch, warpgroups=wg) for tn in WGMMA8_TOKENS
+                    for wg in WGMMA8_WARPGROUPS]
     return out

@@ -52,3 +52,20 @@ def untile_weights(tiles: torch.Tensor, n: int, kw: int, group_words: int) -> to
     out = torch.zeros(p, nt * 16 + 1, kw + 1, dtype=tiles.dtype, device=tiles.device)
     out[:, rows[:, None], words[None]] = tiles.permute(2, 0, 1, 3, 4)     # padding slots land in the extras
     return out[:, :n, :kw].contiguous()
+
+
+def byte_codes(u: torch.Tensor, steps: int) -> torch.Tensor:
+    """Activation codes [M, K] (0..255) -> uint8 [8*steps, roundup(M, 8), 32], the wgmma8 family's activation
+    layout (what quant_u8 writes on the GPU; zero past K and in rows >= M here). Per 256-wide K step s the
+    code of k = 256s + 128h + 32t + 8e + c goes to chunk 8s + c, byte 16h + 4t + e of its token row (the K
+    order in which a tiled weight word's bit 8e + c is byte e of MMA chunk c), and each chunk's rows are in
+    the MMA's core-matrix order: 8-row groups of [half h][row][16 bytes]."""
+    m, k = u.shape
+    if k > steps * 256:
+        raise ValueError(f"{k} codes per row do not fit {steps} steps of 256")
+    mp = -(-m // 8) * 8
+    full = torch.zeros(mp, steps * 256, dtype=torch.uint8, device=u.device)
+    full[:m, :k] = u.to(torch.uint8)
+    x = full.view(mp // 8, 8, steps, 2, 4, 4, 8)            # [mg, mr, s, h, t, e, c]
+    x = x.permute(2, 6, 0, 3, 1, 4, 5)                       # [s, c, mg, h, mr, t, e]
+    return x.reshape(steps * 8, mp, 32).contiguous()

@@ -14,7 +14,9 @@ codes through abqc's own INT8 GEMM, which unpacks the weight bit-planes in share
 copy, one launch fewer) and "fp8" (p, q <= 5: the same codes as float8_e4m3fn on torch._scaled_mm, whose
 FP8 tensor cores run ~1.5x torch._int_mm; exact on the H200, but its whole linear measured 1.4-4.1x slower
 than "int8" there, so not tuned: FP8_FAMILY_ENABLED) and "wgmma" (per-channel, M >= WGMMA_MIN_BUCKET,
-sm_90a: the bit-plane GEMM on the Hopper warpgroup MMA, m64nNk256 b1 AND-popc, N = 32, 64 or 128 tokens).
+sm_90a: the bit-plane GEMM on the Hopper warpgroup MMA, m64nNk256 b1 AND-popc, N = 32, 64 or 128 tokens) and
+"wgmma8" (per-channel, M >= WGMMA_MIN_BUCKET, sm_90a: byte codes of the activations on the Hopper INT8
+warpgroup MMA with the weight bit-planes unpacked in registers; tuned only once WGMMA8_ENABLED).
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
@@ -36,7 +38,8 @@ import torch
 
 from ..errors import AbqcError
 from ..models import cache_dir
-from .config import FP8_MAX_BITS, WGMMA_TOKENS, WGMMA_WARPGROUPS, gemv_channel_tiles, gemv_tokens, token_tile_choices
+from .config import (FP8_MAX_BITS, WGMMA8_TOKENS, WGMMA8_WARPGROUPS, WGMMA_TOKENS, WGMMA_WARPGROUPS, gemv_channel_tiles,
+                     gemv_tokens, token_tile_choices)
 from .layout import steps_per_group
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -46,6 +49,9 @@ WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 # plain packer: each fused block recomputes a share of the dense factor and the row's last block packs it.
 HADAMARD_FUSED_DEFAULT = False
 WGMMA_MIN_BUCKET = 16  # below this a block's 32 or 64 token columns would be mostly padding
+# wgmma8 (runtime.cuda.wgmma8): timed by benchmarks/kernels.py --families wgmma8; tuned by the planner once
+# its GPU tests (tests/test_wgmma8.py) have passed on the device machine
+WGMMA8_ENABLED = False
 INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
 # The FP8 family (runtime.cuda.fp8_gemm) is exact only where the tensor cores accumulate these small integers
 # in full float32: tests/test_int8_family.py's FP8 checks passed on the H200 (code 24ac1d4), but there its
@@ -162,6 +168,8 @@ def candidates(p: int, q: int, m: int, groups: int = 1, include_disabled: bool =
         out += [(f, wk, mt, u) for f in families for wk in WARPS_K for u in gemv_channel_tiles(p, q, mt)]
     if groups == 1 and arch == "sm_90a" and m_bucket(m) >= WGMMA_MIN_BUCKET:
         out += [("wgmma", WGMMA_WARPGROUPS, tn // 8) for tn in WGMMA_TOKENS if tn <= 2 * m_bucket(m)]
+    if groups == 1 and arch == "sm_90a" and m_bucket(m) >= WGMMA_MIN_BUCKET and (WGMMA8_ENABLED or include_disabled):
+        out += [("wgmma8", wg, tn // 8) for wg in WGMMA8_WARPGROUPS for tn in WGMMA8_TOKENS if tn <= 2 * m_bucket(m)]
     if groups == 1 and m_bucket(m) >= INT8_MIN_BUCKET:
         out.append(("int8", 0, 0))      # no launch parameters: cuBLASLt picks the INT8 GEMM's tiles
         out.append(("int8k", 0, 0))     # abqc's INT8 GEMM unpacking the bit-planes in-kernel (one tile)

@@ -15,8 +15,9 @@ import threading
 import torch
 
 from ..codegen import layout, planner
-from ..codegen.config import (FP8_MAX_BITS, WGMMA_WARPGROUPS, KernelConfig, gemv_channel_tiles, gemv_max_tokens,
-                              gemv_tokens, token_tile_choices, wgmma_smem_bytes)
+from ..codegen.config import (FP8_MAX_BITS, WGMMA8_TOKENS, WGMMA8_WARPGROUPS, WGMMA_WARPGROUPS, KernelConfig,
+                              gemv_channel_tiles, gemv_max_tokens, gemv_tokens, token_tile_choices, wgmma8_smem_bytes,
+                              wgmma_smem_bytes)
 from ..errors import AbqcError, NoCudaError
 
 _LOCK = threading.Lock()
@@ -41,7 +42,7 @@ class _QArgs(ctypes.Structure):
                 ("G", ctypes.c_int), ("symmetric", ctypes.c_int),
                 ("planes", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("zero", ctypes.c_void_p), ("chunk_words", ctypes.c_int), ("nchunks", ctypes.c_int),
-                ("codes", ctypes.c_void_p)]
+                ("codes", ctypes.c_void_p), ("mpad", ctypes.c_int)]
 
 
 class _UnpackArgs(ctypes.Structure):
@@ -96,9 +97,9 @@ def require_cuda(what: str, *tensors: torch.Tensor) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _config(family: str, a_bits: int, w_planes: int, token_tiles: int, arch: str, n_tiles: int = 1,
-            w_bulk: bool = False) -> KernelConfig:
+            w_bulk: bool = False, warpgroups: int = 1) -> KernelConfig:
     """KernelConfig, built (and validated) once per launch kind: launches run per layer per token."""
-    return KernelConfig(family, a_bits, w_planes, token_tiles, arch, n_tiles, w_bulk)
+    return KernelConfig(family, a_bits, w_planes, token_tiles, arch, n_tiles, w_bulk, warpgroups)
 
 
 _ARCH: dict = {}
@@ -158,7 +159,7 @@ def function(cfg: KernelConfig, device: torch.device):
             _check(err, f"finding {cfg.name}")
             err, = drv.cuFuncSetAttribute(
                 fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                SM90_MAX_SMEM if getattr(cfg, "family", None) == "wgmma" else MAX_SMEM)
+                SM90_MAX_SMEM if getattr(cfg, "family", None) in ("wgmma", "wgmma8") else MAX_SMEM)
             _check(err, "raising the shared-memory limit")
         _FUNCS[key] = (mod, fn)
         return _FUNCS[key]
@@ -274,7 +275,14 @@ def quant_int8(x: torch.Tensor, a_bits: int, words: int, in_features: int, symme
     return _quantize(x, a_bits, words, 1, in_features, symmetric, min_rows)
 
 
-def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows):
+def quant_u8(x: torch.Tensor, a_bits: int, words: int, in_features: int, symmetric: bool):
+    """x [M, K] -> the wgmma8 family's activations: uncentred codes uint8 [8 * steps, roundup(M, 8), 32] in its
+    K order (wgmma8.cu; steps = ceil(words / 8); bytes past K and rows >= M unspecified: they meet zero
+    weights or unused columns), partial code sums int32 [M, chunks], scale f32 [M], zero int32 [M]."""
+    return _quantize(x, a_bits, words, 1, in_features, symmetric, None, u8=True)
+
+
+def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows, u8=False):
     require_cuda("abqc.runtime.cuda.quant_pack()", x)
     x = x.contiguous()
     if x.dtype not in _DTYPE_CODE:
@@ -283,7 +291,10 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows)
     kw = groups * group_words
     cw, nchunks = pack_chunks(group_words, groups, m)
     dev = x.device
-    if int8_rows is None:
+    mpad = -(-m // 8) * 8
+    if u8:
+        out = torch.empty(8 * layout.steps_per_group(kw), mpad, 32, dtype=torch.uint8, device=dev)
+    elif int8_rows is None:
         out = torch.empty(a_bits, m, kw, dtype=torch.int32, device=dev)
     else:
         rows = max(m, int8_rows)
@@ -293,11 +304,11 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows)
     zero = torch.empty(m, dtype=torch.int32, device=dev)
     if m == 0:
         return out, sums, scale, zero
-    cfg = _config("quant_pack" if int8_rows is None else "quant_int8", a_bits, 0, 1, arch_of(dev))
-    _, fn = function(cfg, dev)
-    planes, codes = (out.data_ptr(), None) if int8_rows is None else (None, out.data_ptr())
+    family = "quant_u8" if u8 else "quant_pack" if int8_rows is None else "quant_int8"
+    _, fn = function(_config(family, a_bits, 0, 1, arch_of(dev)), dev)
+    planes, codes = (out.data_ptr(), None) if family == "quant_pack" else (None, out.data_ptr())
     args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
-                  planes, sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks, codes)
+                  planes, sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks, codes, mpad)
     _launch(fn, (m, nchunks), 256, 0, args, dev)
     return out, sums, scale, zero
 
@@ -347,6 +358,57 @@ def int8_gemm(a8: torch.Tensor, w_tiled: torch.Tensor, n: int, m: int | None = N
             _Int8GemmArgs(w_tiled.data_ptr(), a8.data_ptr(), acc.data_ptr(), m, n, a8.shape[1], p, steps, n),
             a8.device)
     return acc
+
+
+def wgmma8(w_tiled: torch.Tensor, u8_codes: torch.Tensor, m: int, n: int, in_features: int, words: int, mode: int,
+           epi: dict | None = None, tile: tuple = ("wgmma8", 2, 16), out_dtype=torch.float16) -> torch.Tensor:
+    """The wgmma8 family (sm_90a, per-channel): Hopper INT8 warpgroup MMA of quant_u8's byte codes with the
+    weights' bit-planes unpacked in registers. mode 0: int32 acc [M, N, 1] = sum_k u_a * u_w (the bit-plane
+    kernels' integer); otherwise y [M, N] in out_dtype through their epilogue (epi: epilogue_args).
+    tile = ("wgmma8", consumer warpgroups, tokens / 8)."""
+    require_cuda("abqc.runtime.cuda.wgmma8()", w_tiled, u8_codes)
+    nt, p, sg = _tiled_shape(w_tiled, n, 1, words)
+    dev = u8_codes.device
+    if u8_codes.dtype != torch.uint8 or tuple(u8_codes.shape) != (8 * sg, -(-m // 8) * 8, 32):
+        raise ValueError(f"wgmma8 takes quant_u8's codes uint8 [{8 * sg}, {-(-m // 8) * 8}, 32] for M={m}, "
+                         f"got {u8_codes.dtype} {tuple(u8_codes.shape)}")
+    out = (torch.empty(m, n, 1, dtype=torch.int32, device=dev) if mode == 0
+           else torch.empty(m, n, dtype=out_dtype, device=dev))
+    if m == 0 or n == 0:
+        return out
+    epi = epi or {}
+    a_sum = epi.get("a_sum")
+    args = _Args(w_tiled.data_ptr(), u8_codes.data_ptr(), m, n, in_features, 1, words, sg,
+                 _ptr(epi.get("w_scale")), _ptr(epi.get("w_zero")), _ptr(epi.get("w_sum")),
+                 _ptr(epi.get("a_scale")), _ptr(epi.get("a_zero")), _ptr(a_sum),
+                 _ptr(epi.get("bias")), out.data_ptr(), mode if mode == 0 else _DTYPE_CODE[out_dtype], 0,
+                 a_sum.shape[1] if a_sum is not None else 1)
+    _wgmma8_launch(args, m, p, nt, tile, dev)()
+    return out
+
+
+def _wgmma8_launch(args: _Args, m: int, p: int, nt: int, tile: tuple, dev):
+    """Check a wgmma8 launch and prepare it (grid: blocks of 64*warpgroups channels x token tiles of 8*tm)."""
+    _, wgs, tm = tile[:3]
+    arch = arch_of(dev)
+    if arch != "sm_90a":
+        raise ValueError(f"the wgmma8 family needs sm_90a (Hopper warpgroup MMA), not {arch}: use int8 or bmma")
+    if wgs not in WGMMA8_WARPGROUPS or 8 * tm not in WGMMA8_TOKENS:
+        raise ValueError(f"wgmma8 tile {tile}: warpgroups in {WGMMA8_WARPGROUPS}, tokens / 8 in "
+                         f"{tuple(t // 8 for t in WGMMA8_TOKENS)}")
+    _, fn = function(_config("wgmma8", 8, p, tm, arch, warpgroups=wgs), dev)
+    grid = (-(-nt // (4 * wgs)), -(-m // (8 * tm)))
+    return _prepared(fn, grid, 128 * wgs + 32, wgmma8_smem_bytes(p, 8 * tm, wgs), args, dev, pdl=True)
+
+
+def wgmma8_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, bias, n: int, a_bits: int,
+                  words: int, in_features: int, act_symmetric: bool, tile: tuple, integer: bool = False):
+    """quant_u8 then the wgmma8 GEMM with the fused epilogue: y [M, N] in x's dtype (integer=True: the int32
+    accumulators [M, N, 1])."""
+    m = x.shape[0]
+    packed = quant_u8(x, a_bits, words, in_features, act_symmetric)
+    epi = epilogue_args(w_scale, w_zero, w_sum, packed, bias)
+    return wgmma8(w_tiled, packed[0], m, n, in_features, words, 0 if integer else 1, epi, tile, x.dtype)
 
 
 FP8_ROWS = 16      # torch._scaled_mm's operands: rows of both padded to a multiple of this
@@ -448,7 +510,8 @@ PACKED_FAMILIES = ("gemv", "gemvt", "bmma", "wgmma")   # bit-plane kernels fed b
 GEMVQ_FAMILIES = ("gemvq", "gemvqt")         # the GEMV quantizing its activations in-kernel (one launch)
 BULK_FAMILIES = ("gemvt", "gemvqt")          # GEMV builds streaming weights by bulk copies (sm_90a)
 INT8_FAMILIES = ("int8", "int8k", "fp8")   # centred codes of both sides and one integer GEMM (int8_linear)
-TILE_FAMILIES = PACKED_FAMILIES + GEMVQ_FAMILIES + INT8_FAMILIES
+BYTE_FAMILIES = ("wgmma8",)   # byte codes of the activations (quant_u8), weights unpacked in registers (sm_90a)
+TILE_FAMILIES = PACKED_FAMILIES + GEMVQ_FAMILIES + INT8_FAMILIES + BYTE_FAMILIES
 
 
 def parse_tile(text: str | None) -> tuple | None:
@@ -722,7 +785,7 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
     """y [M, N] = fused W(p)A(q) linear on CUDA: one quantize-and-pack launch, one bit-plane GEMM launch
     (or, for a ("gemvq", ...) tile, one GEMV launch that quantizes in-kernel: gemv_quant; for an
     ("int8", ...) tile, the INT8 family: int8_linear; "int8k" / "fp8": the same codes through abqc's
-    in-kernel-unpack INT8 GEMM / FP8 torch._scaled_mm). hadamard_block (float32 [m, m]): y = W(H x), the
+    in-kernel-unpack INT8 GEMM / FP8 torch._scaled_mm; ("wgmma8", ...): wgmma8_linear). hadamard_block (float32 [m, m]): y = W(H x), the
     online Hadamard fused into the quantize-and-pack launch (hadamard.hadamard_pack; counter: its row
     counters), or, for the gemvq and INT8 families, a launch of its own before them."""
     require_cuda("abqc.runtime.cuda.bmma_linear()", x, w_tiled)
@@ -736,6 +799,11 @@ def bmma_linear(x: torch.Tensor, w_tiled: torch.Tensor, w_scale, w_zero, w_sum, 
             raise ValueError(f"the {tile[0]} family serves per-channel weights only")
         return gemv_quant(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
                           act_symmetric, tile)
+    if tile[0] in BYTE_FAMILIES:
+        if groups != 1:
+            raise ValueError(f"the {tile[0]} family serves per-channel weights only")
+        return wgmma8_linear(x, w_tiled, w_scale, w_zero, w_sum, bias, n, a_bits, group_words, in_features,
+                             act_symmetric, tile)
     if tile[0] in INT8_FAMILIES:
         if groups != 1:
             raise ValueError(f"the {tile[0]} family serves per-channel weights only")

@@ -37,6 +37,45 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// Hopper (sm_90): mbarriers completed by bulk copies (the gemv bulk builds, wgmma8) and the warpgroup
+// MMA's fences and descriptors (wgmma, wgmma8).
+__device__ __forceinline__ u32 smem_u32(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long *bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// the initialised barriers made visible to the async proxy (the bulk-copy engine) before any copy names them
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long *bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long *bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void *dst, const void *src, u32 bytes, unsigned long long *bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long *bar, u32 parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Descriptor of a K-major B tile of 32-byte rows, no swizzle: core matrices of 8 rows x 16 bytes; the
+// second 16 bytes of every row LBO = 128 bytes on, the next 8 rows SBO = 256 bytes on. Row r, half h of
+// a tile: r/8*256 + h*128 + r%8*16. (256 bits of b1, or 32 bytes of u8, per row: one k256 / k32 MMA.)
+__device__ __forceinline__ unsigned long long wg_desc(const void *tile) {
+  const u32 addr = smem_u32(tile);
+  return (unsigned long long)((addr >> 4) & 0x3FFF) | ((unsigned long long)(128 >> 4) << 16) |
+         ((unsigned long long)(256 >> 4) << 32);
+}
+#endif
+
 struct Args {
   const uint4 *wt;      // tiled weight planes [NT][S][P][32] uint4
   const u32 *act;       // activation planes [Q][M][KW]
@@ -107,6 +146,51 @@ __device__ __forceinline__ float group_term(const Args &a, int n, int m, int grp
   if (a.G == 1) { for (int p = 0; p < a.a_parts; ++p) sa += a.a_sum[(i64)m * a.a_parts + p]; }
   else sa = a.a_sum[(i64)m * a.G + grp];
   return group_term_of(a, n, grp, c, a.a_zero[m], sa);
+}
+
+// Store a warpgroup MMA's m64nTN accumulator tile (wgmma, wgmma8; warp w of the warpgroup holds channels
+// n0 .. n0+15): register 4*cc + 2*v1 + v0 is channel n0 + g + 8*v1, token m0 + 8*cc + 2*t + v0. mode 0:
+// the integer; else the per-channel epilogue (one K group) in the output dtype.
+template <int NA>
+__device__ __forceinline__ void store_wg_tile(const Args &a, const int (&total)[NA], int n0, int m0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  // a thread's 2 channels' weight terms and, per 8-token column group, its 2 tokens' activation terms are
+  // loaded once (group_term's inputs, so the same float operations and result)
+  float ws[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};
+  i64 zw[2] = {0, 0}, wsum[2] = {0, 0};
+  if (a.mode != 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(n0 + g + 8 * h, a.N - 1);
+      ws[h] = a.w_scale[n]; zw[h] = a.w_zero[n]; wsum[h] = a.w_sum[n];
+      if (a.bias) bias[h] = a.bias[n];
+    }
+  }
+#pragma unroll
+  for (int cc = 0; cc < NA / 4; ++cc) {
+    float as[2] = {0.f, 0.f};
+    i64 za[2] = {0, 0}, sa[2] = {0, 0};
+    if (a.mode != 0) {
+#pragma unroll
+      for (int v0 = 0; v0 < 2; ++v0) {
+        const int m = m0 + cc * 8 + 2 * t + v0;
+        if (m >= a.M) continue;
+        as[v0] = a.a_scale[m]; za[v0] = a.a_zero[m];
+        for (int p = 0; p < a.a_parts; ++p) sa[v0] += a.a_sum[(i64)m * a.a_parts + p];
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int h = v >> 1, v0 = v & 1;
+      const int n = n0 + g + 8 * h, m = m0 + cc * 8 + 2 * t + v0;
+      if (n >= a.N || m >= a.M) continue;
+      const int c = total[cc * 4 + v];
+      if (a.mode == 0) { ((int *)a.out)[(i64)m * a.N + n] = c; continue; }
+      float y = term_of(a.K, ws[h], zw[h], wsum[h], c, za[v0], sa[v0]) * as[v0];
+      if (a.bias) y += bias[h];
+      store_y(a.out, a.mode, (i64)m * a.N + n, y);
+    }
+  }
 }
 
 // Stage activation rows [rows][KW] (row r at act + row_offset(r)) into shared memory with stride `stride`.

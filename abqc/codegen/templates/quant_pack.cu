@@ -6,6 +6,9 @@
 // float32 arithmetic as abqc.quant (act_grid.cuh), so the codes equal the CPU reference's.
 // Code sums: per group when groups are split across chunks never happens (G > 1: chunks hold whole
 // groups) -> sums[m][g]; per-channel (G == 1) -> one partial per chunk, sums[m][chunk].
+// Built with U8_TILED: uncentred codes as bytes for the wgmma8 GEMM, in its K order (wgmma8.cu): the code
+// of k = 256s + 128h + 32t + 8e + c at chunk 8s + c, token row m, byte 16h + 4t + e, each chunk's rows in
+// the MMA's core-matrix order (8-row groups of [half][row][16 bytes]); sums as for the planes.
 typedef unsigned int u32;
 typedef long long i64;
 
@@ -20,7 +23,9 @@ struct QArgs {
   int *sums;                          // [M][G] or [M][nchunks] when G == 1
   float *scale; int *zero;            // [M]
   int chunk_words, nchunks;
-  signed char *codes;                 // INT8_CODES builds: [M][KW * 32] instead of planes
+  signed char *codes;                 // INT8_CODES builds: [M][KW * 32] instead of planes; U8_TILED builds:
+                                      // [8 * steps][mpad][32] byte codes in wgmma8.cu's K order
+  int mpad;                           // U8_TILED: token rows of codes (M rounded up to 8)
 };
 
 __device__ __forceinline__ float h2f(unsigned short h, int bf) {
@@ -159,6 +164,16 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
     const int code = k < a.K ? u - (1 << (Q - 1)) : 0;
     a.codes[(i64)m * a.KW * 32 + k] = (signed char)code;
     int sum = code;
+#elif defined(U8_TILED)
+    // lane b holds the code of bit b = 8e + c of word w: lanes c, c+8, c+16, c+24 make chunk c's 4 bytes
+    u32 four = 0u;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) four |= (u32)__shfl_sync(0xffffffffu, u, (lane & 7) + 8 * e) << (8 * e);
+    if (lane < 8) {
+      const int s = w >> 3, t = w & 3, h = (w >> 2) & 1;
+      *(u32 *)(a.codes + ((i64)(8 * s + lane) * a.mpad + (m & ~7)) * 32 + h * 128 + (m & 7) * 16 + t * 4) = four;
+    }
+    int sum = u;
 #else
     u32 mine = 0;   // lane j keeps plane j's word and stores it: Q stores in parallel
 #pragma unroll

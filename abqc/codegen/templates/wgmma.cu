@@ -48,20 +48,6 @@ __device__ __forceinline__ void wgmma_b1(int (&d)[NACC], const uint4 &a, unsigne
 #endif
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// K-major, no swizzle: core matrices of 8 rows x 16 bytes; the second 16 bytes (bits 128..255) of every
-// row LBO = 128 bytes on, the next 8 rows SBO = 256 bytes on. Row r, half h of a tile: r/8*256 + h*128 + r%8*16.
-__device__ __forceinline__ unsigned long long b_desc(const void *tile) {
-  const u32 addr = (u32)__cvta_generic_to_shared(tile);
-  return (unsigned long long)((addr >> 4) & 0x3FFF) | ((unsigned long long)(128 >> 4) << 16) |
-         ((unsigned long long)(256 >> 4) << 32);
-}
-
 // Stage chunk c (steps c*KC ..) into one stage: weights [KC][WTILES][P][32] uint4 (each (tile, step) is
 // 512*P contiguous bytes of the tiled layout), then activations [KC][Q][TN rows x 32 bytes, core-matrix
 // order]. Past K, N or M: zeros (a zero plane adds nothing to AND+popc).
@@ -108,7 +94,7 @@ __device__ __forceinline__ void chain(int (&d)[NACC], const uint4 (&af)[P][KC], 
     if (j < 0 || j >= Q) continue;
 #pragma unroll
     for (int kk = 0; kk < KC; ++kk) {
-      wgmma_b1(d, af[i][kk], b_desc(as + (kk * Q + j) * (TN * 32)), first ? 0 : 1);
+      wgmma_b1(d, af[i][kk], wg_desc(as + (kk * Q + j) * (TN * 32)), first ? 0 : 1);
       first = false;
     }
   }
@@ -166,19 +152,5 @@ extern "C" __global__ void __launch_bounds__(128 * WGS, 1) KERNEL_NAME(const Arg
     __syncthreads();
   }
 
-  // accumulator layout: register 4*cc + 2*v1 + v0 holds channel row g + 8*v1 of the warp's tile and
-  // token column 8*cc + 2*t + v0
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int cc = 0; cc < TN / 8; ++cc)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const int n = (nt0 + warp) * 16 + g + 8 * (v >> 1), m = m0 + cc * 8 + 2 * t + (v & 1);
-      if (n >= a.N || m >= a.M) continue;
-      const int c = total[cc * 4 + v];
-      if (a.mode == 0) { ((int *)a.out)[(i64)m * a.N + n] = c; continue; }
-      float y = group_term(a, n, m, 0, c) * a.a_scale[m];
-      if (a.bias) y += a.bias[n];
-      store_y(a.out, a.mode, (i64)m * a.N + n, y);
-    }
+  store_wg_tile<NACC>(a, total, (nt0 + warp) * 16, m0, lane);
 }
