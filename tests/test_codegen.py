@@ -76,10 +76,11 @@ def test_every_kernel_compiles_to_binary_mma(arch, tmp_path):
             assert n >= cfg.w_planes * cfg.a_bits * wgmma_k_steps(cfg.w_planes, cfg.a_bits, tn), (cfg.name, n)
             assert "LDS.128" in s and "LDGSTS" in s, f"{cfg.name}: weights/activations not staged by cp.async"
             assert "BMMA" not in s.replace("BGMMA", ""), cfg.name
-        if cfg.family == "wgmma8":   # 8 INT8 warpgroup MMAs a step, fed by bulk copies, not serialized by ptxas
+        if cfg.family == "wgmma8":   # 8 INT8 warpgroup MMAs a step (3 steps in the code), bulk-copy fed
             n = len(re.findall(rf"IGMMA\.64x{8 * cfg.token_tiles}x32\.U8\.U8", s))
-            assert n >= 8, (cfg.name, n)
-            assert s.count("WARPGROUP.DEPBAR") <= 2, f"{cfg.name}: MMAs serialized (a wait after each one)"
+            assert n >= 24, (cfg.name, n)
+            # ptxas serializing the MMAs (C7513) puts a wait after every one of them
+            assert 4 * s.count("WARPGROUP.DEPBAR") < n, f"{cfg.name}: MMAs serialized"
             assert "UBLKCP" in s and "SYNCS" in s and "LDS.128" in s, f"{cfg.name}: no bulk-copied stages"
         if cfg.family == "quant_u8":
             assert "SHFL" in s and "STG.E" in s, cfg.name

@@ -17,8 +17,8 @@
 //
 // Pipeline: one producer warp streams, per 256-wide step, the block's weight tiles (WGS*4 x P*512 bytes)
 // and the step's 8 activation chunks (8 x TN rows x 32 bytes, already in the MMA's core-matrix order) into
-// a stage by bulk copies completing an mbarrier; consumer warps unpack, issue the step's 8 MMAs, wait for
-// them and free the stage.
+// a stage by bulk copies completing an mbarrier; consumer warps unpack, issue the step's 8 MMAs, and free
+// the previous step's stage once its MMAs are done.
 #define NACC (TN / 2)            // accumulator registers per thread of one m64nTN product
 #define WTILES (4 * WGS)         // 16-channel tiles per block
 #define A_STEP (TN * 256)        // activation bytes of a step: 8 chunks x TN rows x 32 bytes
@@ -139,18 +139,35 @@ extern "C" __global__ void __launch_bounds__(128 * WGS + 32, 1) KERNEL_NAME(cons
   int acc[NACC];
 #pragma unroll
   for (int r = 0; r < NACC; ++r) acc[r] = 0;
-  for (int s = 0; s < S; ++s) {
-    const int st = s % NS;
-    u32 af[8][4];
-    mbar_wait(&full[st], (s / NS) & 1);
-    step(acc, af, smem + st * STAGE_BYTES, warp, lane);
-    // Waiting for this step's MMAs before the next unpack: ptxas serializes every MMA (C7513) when
-    // registers feeding a later MMA are written while earlier ones are in flight. The block's other
-    // warpgroup (and the producer's stages) keep the tensor cores busy meanwhile.
-    wgmma_wait<0>();
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[st]);
+  // Two A register sets alternate so a step's unpack overlaps the previous step's MMAs (wait<1>). The loop
+  // body stays one straight pair of steps: a guarded second step (or a runtime register-set index) makes
+  // ptxas serialize every MMA (C7513), so an odd step count runs step 0 alone first.
+  u32 af0[8][4], af1[8][4];
+  const int odd = S & 1;
+  if (odd) {   // an odd step count: step 0 alone first, in the second register set
+    mbar_wait(&full[0], 0);
+    step(acc, af1, smem, warp, lane);
   }
+  for (int s = odd; s < S; s += 2) {
+    {
+      const int st = s % NS;
+      mbar_wait(&full[st], (s / NS) & 1);
+      step(acc, af0, smem + st * STAGE_BYTES, warp, lane);
+      wgmma_wait<1>();
+      __syncwarp();
+      if (s > 0 && lane == 0) mbar_arrive(&empty[(s - 1) % NS]);
+    }
+    {
+      const int si = s + 1;
+      const int st = si % NS;
+      mbar_wait(&full[st], (si / NS) & 1);
+      step(acc, af1, smem + st * STAGE_BYTES, warp, lane);
+      wgmma_wait<1>();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s % NS]);
+    }
+  }
+  wgmma_wait<0>();
   pdl_wait();
   store_wg_tile<NACC>(a, acc, (nt0 + warp) * 16, m0, lane);
 }
