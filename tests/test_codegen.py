@@ -153,6 +153,33 @@ def test_byte_codes_layout():
         layout.byte_codes(u, 1)
 
 
+def test_wgmma8_k_order_contract():
+    """wgmma8's two sides agree on K: the weights as wgmma8.cu unpacks them (lane (g, t), word j of the tiled
+    fragment: bit 8e + c of plane i -> byte e of chunk c's register j, row g + 8*(j&1), half j>>1) and the
+    activations where layout.byte_codes puts them (the B tile's core-matrix rows) multiply to u_a @ u_w^T."""
+    from abqc import quant
+    gen = torch.Generator().manual_seed(3)
+    m, n, k, p = 13, 37, 600, 3
+    kw = -(-k // 32)
+    steps = layout.steps_per_group(kw)
+    ua, uw = torch.randint(0, 256, (m, k), generator=gen), torch.randint(0, 2 ** p, (n, k), generator=gen)
+    tiles = layout.tile_weights(quant.pack_bitplanes(uw, p, pad_to=kw * 32), kw).long() & 0xFFFFFFFF
+    nt = tiles.shape[0]
+    lane, j, c, e = torch.meshgrid(torch.arange(32), torch.arange(4), torch.arange(8), torch.arange(4), indexing="ij")
+    g, t = lane // 4, lane % 4
+    row, klog = g + 8 * (j & 1), 32 * c + 16 * (j >> 1) + 4 * t + e            # within a tile and a step
+    bits = (tiles[:, :, :, lane, j] >> (8 * e + c)) & 1                          # [NT, S, P, 32, 4, 8, 4]
+    codes = (bits << torch.arange(p).view(1, 1, p, 1, 1, 1, 1)).sum(2)          # [NT, S, 32, 4, 8, 4]
+    a_log = torch.zeros(nt * 16, steps * 256, dtype=torch.long)
+    for tile in range(nt):
+        for s in range(steps):
+            a_log[tile * 16 + row, s * 256 + klog] = codes[tile, s]
+    bc = layout.byte_codes(ua, steps).view(steps * 8, -1, 2, 8, 16)           # [chunk][row group][half][row][byte]
+    mm = torch.arange(m)
+    b_log = bc[:, mm // 8, :, mm % 8, :].reshape(m, steps * 256).long()       # [M, chunk, half, byte]
+    assert torch.equal(b_log @ a_log[:n].T, ua.long() @ uw.long().T)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="token_tiles 4 not allowed"):
         KernelConfig("bmma", 8, 8, 4)
