@@ -42,7 +42,7 @@ class _QArgs(ctypes.Structure):
                 ("G", ctypes.c_int), ("symmetric", ctypes.c_int),
                 ("planes", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("zero", ctypes.c_void_p), ("chunk_words", ctypes.c_int), ("nchunks", ctypes.c_int),
-                ("codes", ctypes.c_void_p), ("mpad", ctypes.c_int)]
+                ("codes", ctypes.c_void_p), ("mpad", ctypes.c_int), ("SGW", ctypes.c_int)]
 
 
 class _UnpackArgs(ctypes.Structure):
@@ -308,7 +308,8 @@ def _quantize(x, a_bits, group_words, groups, in_features, symmetric, int8_rows,
     _, fn = function(_config(family, a_bits, 0, 1, arch_of(dev)), dev)
     planes, codes = (out.data_ptr(), None) if family == "quant_pack" else (None, out.data_ptr())
     args = _QArgs(x.data_ptr(), _DTYPE_CODE[x.dtype], m, in_features, kw, group_words, groups, int(symmetric),
-                  planes, sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks, codes, mpad)
+                  planes, sums.data_ptr(), scale.data_ptr(), zero.data_ptr(), cw, nchunks, codes, mpad,
+                  layout.steps_per_group(kw))
     _launch(fn, (m, nchunks), 256, 0, args, dev)
     return out, sums, scale, zero
 

@@ -26,6 +26,7 @@ struct QArgs {
   signed char *codes;                 // INT8_CODES builds: [M][KW * 32] instead of planes; U8_TILED builds:
                                       // [8 * steps][mpad][32] byte codes in wgmma8.cu's K order
   int mpad;                           // U8_TILED: token rows of codes (M rounded up to 8)
+  int SGW;                            // U8_TILED: 256-wide K steps of the codes (ceil(KW / 8))
 };
 
 __device__ __forceinline__ float h2f(unsigned short h, int bf) {
@@ -140,6 +141,31 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
       else ((uint2 *)dst)[v] = make_uint2(c[0], c[1]);
     }
     for (int k = a.K + threadIdx.x; k < a.KW * 32; k += blockDim.x) dst[k] = 0;   // zero past K
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) atomicAdd(&gsum[0], sum);
+  } else
+#endif
+#ifdef U8_TILED
+  if (stage) {   // per-channel: one 4-byte granule of wgmma8's K order a thread, read back from the staged row
+    // lane (c, t) = (l & 7, l >> 3) of granule group (s, h): codes of k = 256s + 128h + 32t + 8e + c, e = 0..3
+    // (the 2-byte reads of a warp fall in distinct 4-byte banks or share one)
+    int sum = 0;
+    for (int gi = threadIdx.x; gi < a.SGW * 64; gi += blockDim.x) {
+      const int c = gi & 7, t = (gi >> 3) & 3, h = (gi >> 5) & 1, s = gi >> 6;
+      u32 four = 0u;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int k = 256 * s + 128 * h + 32 * t + 8 * e + c;
+        if (k < a.K) {
+          const float v = a.in_dtype == 1 ? ((const float *)xsm)[k]
+                                          : h2f(((const unsigned short *)xsm)[k], a.in_dtype == 3);
+          const int u = act_code(v, scale, zero);
+          sum += u;
+          four |= (u32)u << (8 * e);
+        }
+      }
+      *(u32 *)(a.codes + ((i64)(8 * s + c) * a.mpad + (m & ~7)) * 32 + h * 128 + (m & 7) * 16 + t * 4) = four;
+    }
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) atomicAdd(&gsum[0], sum);
   } else
