@@ -247,6 +247,19 @@ def test_wgmma_candidates_only_on_hopper_per_channel_prefill():
     assert rcuda.parse_tile(f"wgmma,{wg},8") == ("wgmma", wg, 8)
 
 
+def test_wgmma8_candidates_only_on_hopper_per_channel():
+    """The INT8 warpgroup-MMA family is timed on sm_90a for per-channel weights from M = 16, both warpgroup
+    counts, a token tile only where M fills at least half of it; its tiles parse back."""
+    assert not any(c[0] == "wgmma8" for c in planner.candidates(2, 8, 2048, arch="sm_80"))
+    assert not any(c[0] == "wgmma8" for c in planner.candidates(2, 8, 8, arch="sm_90a"))
+    assert not any(c[0] == "wgmma8" for c in planner.candidates(2, 8, 2048, groups=4, arch="sm_90a"))
+    assert [c for c in planner.candidates(4, 4, 16, arch="sm_90a") if c[0] == "wgmma8"] == [("wgmma8", 1, 4),
+                                                                                         ("wgmma8", 2, 4)]
+    assert {c for c in planner.candidates(2, 8, 2048, arch="sm_90a") if c[0] == "wgmma8"} == {
+        ("wgmma8", wg, tm) for wg in (1, 2) for tm in (4, 8, 16)}
+    assert rcuda.parse_tile("wgmma8,2,16") == ("wgmma8", 2, 16)
+
+
 def test_programmatic_dependent_launch_config():
     """The GEMV's launch config asks for programmatic stream serialization (it may start while its packer
     runs; the kernel waits with griddepcontrol.wait before reading the packer's outputs), and PDL can be

@@ -16,7 +16,7 @@ FP8 tensor cores run ~1.5x torch._int_mm; exact on the H200, but its whole linea
 than "int8" there, so not tuned: FP8_FAMILY_ENABLED) and "wgmma" (per-channel, M >= WGMMA_MIN_BUCKET,
 sm_90a: the bit-plane GEMM on the Hopper warpgroup MMA, m64nNk256 b1 AND-popc, N = 32, 64 or 128 tokens) and
 "wgmma8" (per-channel, M >= WGMMA_MIN_BUCKET, sm_90a: byte codes of the activations on the Hopper INT8
-warpgroup MMA with the weight bit-planes unpacked in registers; tuned only once WGMMA8_ENABLED).
+warpgroup MMA with the weight bit-planes unpacked in registers; N = 32, 64 or 128 tokens, 1 or 2 warpgroups).
 
 plans.json maps plan_key(...) to {"family", "tile", "us", "tuned"} ("us": the winner's measured time of
 one `run` call in microseconds; abqc's callers time cuda.bmma_linear, activation packing included), plus
@@ -49,9 +49,9 @@ WARPS_K = (2, 4, 8)   # the kernels are built for at most 256 threads a block
 # plain packer: each fused block recomputes a share of the dense factor and the row's last block packs it.
 HADAMARD_FUSED_DEFAULT = False
 WGMMA_MIN_BUCKET = 16  # below this a block's 32 or 64 token columns would be mostly padding
-# wgmma8 (runtime.cuda.wgmma8): timed by benchmarks/kernels.py --families wgmma8; tuned by the planner once
-# its GPU tests (tests/test_wgmma8.py) have passed on the device machine
-WGMMA8_ENABLED = False
+# wgmma8 (runtime.cuda.wgmma8): exact on an H100 (tests/test_wgmma8.py); measured there faster than the int8
+# family at M = 16-512 on most LLaMA-7B shapes and slower at M = 2048, so a tuning candidate, not a default
+WGMMA8_ENABLED = True
 INT8_MIN_BUCKET = 16  # below this the INT8 family (torch._int_mm pads to 17 rows, unpacks all weights) is not timed
 # The FP8 family (runtime.cuda.fp8_gemm) is exact only where the tensor cores accumulate these small integers
 # in full float32: tests/test_int8_family.py's FP8 checks passed on the H200 (code 24ac1d4), but there its

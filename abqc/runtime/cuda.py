@@ -159,7 +159,7 @@ def function(cfg: KernelConfig, device: torch.device):
             _check(err, f"finding {cfg.name}")
             err, = drv.cuFuncSetAttribute(
                 fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                SM90_MAX_SMEM if getattr(cfg, "family", None) in ("wgmma", "wgmma8") else MAX_SMEM)
+                {"wgmma": SM90_MAX_SMEM, "wgmma8": SM90_MAX_SMEM - 1024}.get(getattr(cfg, "family", None), MAX_SMEM))
             _check(err, "raising the shared-memory limit")
         _FUNCS[key] = (mod, fn)
         return _FUNCS[key]

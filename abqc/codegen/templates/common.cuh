@@ -110,14 +110,7 @@ __device__ __forceinline__ void store_y(void *out, int mode, i64 idx, float v) {
 __device__ __forceinline__ void load_w(const Args &a, int nt, int s, int lane, uint4 (&wf)[P]) {
   const uint4 *src = a.wt + ((i64)(nt * (a.G * a.SG) + s) * P) * 32 + lane;
 #pragma unroll
-  for (int i = 0; i < P; ++i) {
-#if defined(GEMV_NOALLOC)
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(wf[i].x), "=r"(wf[i].y),
-                 "=r"(wf[i].z), "=r"(wf[i].w) : "l"(src + i * 32));
-#else
-    wf[i] = __ldg(src + i * 32);
-#endif
-  }
+  for (int i = 0; i < P; ++i) wf[i] = __ldg(src + i * 32);
 }
 #endif
 

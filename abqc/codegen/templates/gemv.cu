@@ -19,12 +19,6 @@
 #ifndef WBULK
 #define WBULK 0
 #endif
-#ifndef GEMV_PRE
-#define GEMV_PRE 1
-#endif
-#ifndef GEMV_QRED
-#define GEMV_QRED (Q == 2 || Q == 4 || Q == 8)
-#endif
 #define NBAR 32   // WBULK: at most this many chunks (mbarriers) per block
 #define NCOL (MT * Q)
 #define TN ((NCOL + 7) / 8)
@@ -234,18 +228,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, WK = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3, nt0 = blockIdx.x * NTW, nts = (a.N + 15) / 16;
   const int kw = a.gw, steps = a.SG, ncol = a.M * Q, stride = a.stage_stride;
-#if GEMV_PRE
-  // the epilogue's terms of this thread's first output (o = threadIdx.x below), loaded now: their latency
-  // (DRAM in a real model: each layer's scales are read once a token) hides behind the weight stream
-  const int pre_n = nt0 * 16 + (int)threadIdx.x / max(a.M, 1);
-  const bool pre = a.mode != 0 && (int)threadIdx.x < 16 * NTW * a.M && pre_n < a.N;
-  float pre_ws = 0.f, pre_b = 0.f, pre_as = 0.f;
-  int pre_zw = 0, pre_wsum = 0, pre_za = 0, pre_sa = 0;
-  if (pre) {
-    pre_ws = __ldg(a.w_scale + pre_n); pre_zw = __ldg(a.w_zero + pre_n); pre_wsum = __ldg(a.w_sum + pre_n);
-    if (a.bias) pre_b = __ldg(a.bias + pre_n);
-  }
-#endif
 #if WBULK
   const int tiles = min(NTW, nts - nt0), rounds = (steps + WK - 1) / WK, rc = (rounds + NBAR - 1) / NBAR;
   const int nchunks = (rounds + rc - 1) / rc;    // chunk c: rounds [c*rc, (c+1)*rc) of WK steps each
@@ -304,13 +286,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   // row c = m*Q + j holds plane j of token m
   if (!a.x) {
     stage_rows(xs, a.act, ncol, kw, stride, [&](int c) { return ((i64)(c % Q) * a.M + c / Q) * kw; });
-#if GEMV_PRE
-    if (pre) {   // the packer's per-chunk code sums: every load in flight at once, summed after the MMAs
-      const int m = threadIdx.x % a.M;
-      pre_as = a.a_scale[m]; pre_za = a.a_zero[m];
-      for (int q = 0; q < a.a_parts; ++q) pre_sa += a.a_sum[(i64)m * a.a_parts + q];
-    }
-#endif
     asm volatile("cp.async.wait_all;\n" ::);
   }
   __syncthreads();
@@ -350,33 +325,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
   }
 #endif
 
-#if GEMV_QRED
-  // weight planes, then a token's activation planes (its Q columns: Q/2 lanes of a quad) combined in
-  // registers; only the K-split warps meet in shared memory: red[warp][channel][token]
-#pragma unroll
-  for (int u = 0; u < NTW; ++u)
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c0 = tn * 8 + 2 * t;
-        int v0 = 0, v1 = 0;
-#pragma unroll
-        for (int i = 0; i < P; ++i) { v0 += acc[u][i][tn][2 * h] << i; v1 += acc[u][i][tn][2 * h + 1] << i; }
-        int v = (v0 << (c0 % Q)) + (v1 << ((c0 + 1) % Q));
-        if (Q >= 4) v += __shfl_xor_sync(0xffffffffu, v, 1);
-        if (Q == 8) v += __shfl_xor_sync(0xffffffffu, v, 2);
-        const int m = c0 / Q;
-        if (t % (Q / 2) == 0 && m < MT) red[(warp * 16 * NTW + u * 16 + g + 8 * h) * MT + m] = v;
-      }
-  __syncthreads();
-  for (int o = threadIdx.x; o < 16 * NTW * a.M; o += blockDim.x) {
-    const int nl = o / a.M, m = o - nl * a.M, n = nt0 * 16 + nl;
-    if (n >= a.N) continue;
-    int c = 0;
-#pragma unroll 8
-    for (int w = 0; w < WK; ++w) c += red[(w * 16 * NTW + nl) * MT + m];
-#else
   // weight planes combined in registers; columns (planes j, tokens) and warps through shared memory
 #pragma unroll
   for (int u = 0; u < NTW; ++u)
@@ -397,17 +345,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) KERNEL_NAME(const Args a) {
     for (int w = 0; w < WK; ++w)
 #pragma unroll
       for (int j = 0; j < Q; ++j) c += red[(w * 16 * NTW + nl) * (TN * 8) + m * Q + j] << j;
-#endif
     if (a.mode == 0) { ((int *)a.out)[(i64)m * a.N + n] = c; continue; }
-#if GEMV_PRE
-    if (o == (int)threadIdx.x) {
-      float y = a.x ? term_of(a.K, pre_ws, pre_zw, pre_wsum, c, qz[m], qsum[m]) * qs[m]
-                    : term_of(a.K, pre_ws, pre_zw, pre_wsum, c, pre_za, pre_sa) * pre_as;
-      if (a.bias) y += pre_b;
-      store_y(a.out, a.mode, (i64)m * a.N + n, y);
-      continue;
-    }
-#endif
     float y = a.x ? group_term_of(a, n, 0, c, qz[m], qsum[m]) * qs[m] : group_term(a, n, m, 0, c) * a.a_scale[m];
     if (a.bias) y += a.bias[n];
     store_y(a.out, a.mode, (i64)m * a.N + n, y);

@@ -12,8 +12,7 @@
 typedef unsigned int u32;
 typedef long long i64;
 
-#define PRE 4   // chunk values a thread holds from the first pass (pre)
-#define RD 8    // min/max pass: 16-byte loads a thread keeps in flight
+#define RD 4    // min/max pass: 16-byte loads a thread keeps in flight
 #define XS_BYTES (32 * 1024)   // rows up to this size are staged in shared memory (stage)
 
 struct QArgs {
@@ -53,21 +52,12 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   const int nwarps = blockDim.x >> 5;
   const i64 base = (i64)m * a.K;
   const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
-  // A chunk of at most PRE words per warp (decode rows: 16-word chunks) has its values loaded here, in
-  // flight together with the min/max pass's loads: one memory round trip before the codes, not two.
-  const bool pre = a.chunk_words <= PRE * nwarps;
-  float pv[PRE];
-#pragma unroll
-  for (int i = 0; i < PRE; ++i) {
-    const int w = w_begin + warp + i * nwarps, k = w * 32 + lane;
-    pv[i] = pre && w < w_end && k < a.K ? load_x(a, base + k) : 0.f;
-  }
   float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
   const int per_vec = a.in_dtype == 1 ? 4 : 8;
   // A block packing a whole row (prefill: one row a block) keeps the row it reads for the min/max in
   // shared memory and codes it from there: each row leaves HBM once, not twice.
   __shared__ uint4 xsm[XS_BYTES / 16];
-  const bool stage = !pre && a.K % per_vec == 0 && w_begin == 0 && w_end == a.KW &&
+  const bool stage = a.K % per_vec == 0 && w_begin == 0 && w_end == a.KW &&
                      (i64)a.K * (a.in_dtype == 1 ? 4 : 2) <= XS_BYTES;
   if (a.K % per_vec == 0) {
     const uint4 *row = (const uint4 *)((const char *)a.x + base * (a.in_dtype == 1 ? 4 : 2));
@@ -170,15 +160,12 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
     if (lane == 0) atomicAdd(&gsum[0], sum);
   } else
 #endif
-  for (int w = w_begin + warp, i = 0; w < w_end; w += nwarps, ++i) {
+  for (int w = w_begin + warp; w < w_end; w += nwarps) {
     const int k = w * 32 + lane;
     int u = 0;
     if (k < a.K) {
       float v = 0.f;
-      if (pre) {
-#pragma unroll
-        for (int e = 0; e < PRE; ++e) if (e == i) v = pv[e];   // registers stay registers: no dynamic index
-      } else if (stage) {
+      if (stage) {
         v = a.in_dtype == 1 ? ((const float *)xsm)[k] : h2f(((const unsigned short *)xsm)[k], a.in_dtype == 3);
       } else {
         v = load_x(a, base + k);
