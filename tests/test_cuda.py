@@ -74,16 +74,15 @@ def test_quant_pack_matches_cpu(q, dtype, symmetric):
 
 @pytest.mark.parametrize("q", (1, 3, 8))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_packers_prefill_rows_staged_in_shared_memory(q, dtype):
-    """Prefill rows (one packer block a row) are staged in shared memory once they fit (XS_BYTES): the
-    bit planes, the INT8 family's centred codes and both code sums still equal the CPU reference's; a row too
-    large to stage (K = 20000 in float32) takes the unstaged path."""
+def test_packers_prefill_rows_match_cpu(q, dtype):
+    """Prefill rows (one packer block a whole row, rows of 1000 to 20000 values): the bit planes, the INT8
+    family's centred codes and both code sums equal the CPU reference's."""
     torch.manual_seed(q)
     for m, k in ((600, 1000), (520, 4096), (512, 20000)):
         x = (torch.randn(m, k) * torch.linspace(0.1, 4, m)[:, None]).to(dtype)
         x[5] = x[5].abs()
         kw = -(-k // 32)
-        assert cuda.pack_chunks(kw, 1, m)[1] == 1          # whole rows: the staged case
+        assert cuda.pack_chunks(kw, 1, m)[1] == 1          # whole rows, one block each
         planes, sums, scale, zero = cuda.quant_pack(x.cuda(), q, kw, 1, k, False)
         ref_planes, ref_sums, ref_s, ref_z = ops.pack_activation(x.float(), q, k, k, False)
         assert torch.equal(planes.cpu(), ref_planes) and torch.equal(sums.cpu().long().sum(1, keepdim=True), ref_sums)

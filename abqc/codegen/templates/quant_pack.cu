@@ -12,8 +12,7 @@
 typedef unsigned int u32;
 typedef long long i64;
 
-#define RD 4    // min/max pass: 16-byte loads a thread keeps in flight
-#define XS_BYTES (32 * 1024)   // rows up to this size are staged in shared memory (stage)
+#define XS_BYTES (32 * 1024)   // U8_TILED: rows up to this size are staged in shared memory (stage)
 
 struct QArgs {
   const void *x; int in_dtype;        // 1 f32, 2 f16, 3 bf16; x is [M][K] contiguous
@@ -54,20 +53,25 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   const int w_begin = chunk * a.chunk_words, w_end = min(a.KW, w_begin + a.chunk_words);
   float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
   const int per_vec = a.in_dtype == 1 ? 4 : 8;
-  // A block packing a whole row (prefill: one row a block) keeps the row it reads for the min/max in
-  // shared memory and codes it from there: each row leaves HBM once, not twice.
+#ifdef U8_TILED
+  // A block coding a whole row (prefill: one row a block) keeps the row it reads for the min/max in shared
+  // memory and codes it from there: each row leaves HBM once, not twice.
   __shared__ uint4 xsm[XS_BYTES / 16];
   const bool stage = a.K % per_vec == 0 && w_begin == 0 && w_end == a.KW &&
                      (i64)a.K * (a.in_dtype == 1 ? 4 : 2) <= XS_BYTES;
+#else
+  uint4 *xsm = nullptr;   // the planes and INT8 builds read rows from global memory twice (no staging)
+  const bool stage = false;
+#endif
   if (a.K % per_vec == 0) {
     const uint4 *row = (const uint4 *)((const char *)a.x + base * (a.in_dtype == 1 ? 4 : 2));
     const int nv = a.K / per_vec;
-    for (int v0 = threadIdx.x; v0 < nv; v0 += RD * blockDim.x) {   // RD loads a thread in flight
-      uint4 r[RD];
+    for (int v0 = threadIdx.x; v0 < nv; v0 += 4 * blockDim.x) {
+      uint4 r[4];
 #pragma unroll
-      for (int u = 0; u < RD; ++u) if (v0 + u * blockDim.x < nv) r[u] = __ldg(row + v0 + u * blockDim.x);
+      for (int u = 0; u < 4; ++u) if (v0 + u * blockDim.x < nv) r[u] = __ldg(row + v0 + u * blockDim.x);
 #pragma unroll
-      for (int u = 0; u < RD; ++u) {
+      for (int u = 0; u < 4; ++u) {
         if (v0 + u * blockDim.x >= nv) break;
         if (stage) xsm[v0 + u * blockDim.x] = r[u];
         const u32 w[4] = {r[u].x, r[u].y, r[u].z, r[u].w};
@@ -110,31 +114,6 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   act_grid(lo, hi, a.symmetric, scale, zero);
   if (chunk == 0 && threadIdx.x == 0) { a.scale[m] = scale; a.zero[m] = (int)zero; }
   const int g0 = a.G == 1 ? 0 : w_begin / a.gw;
-#ifdef INT8_CODES
-  if (stage) {   // per-channel (G == 1): codes of a staged row, per_vec at a time, stored 4 or 8 bytes wide
-    signed char *dst = a.codes + (i64)m * a.KW * 32;
-    int sum = 0;
-    for (int v = threadIdx.x; v < a.K / per_vec; v += blockDim.x) {
-      const uint4 r = xsm[v];
-      const u32 w[4] = {r.x, r.y, r.z, r.w};
-      u32 c[2] = {0u, 0u};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (a.in_dtype == 1 && e >= 4) break;
-        const float f = a.in_dtype == 1 ? __uint_as_float(w[e])
-                                        : h2f((unsigned short)(w[e >> 1] >> (16 * (e & 1))), a.in_dtype == 3);
-        const int code = act_code(f, scale, zero) - (1 << (Q - 1));
-        sum += code;
-        c[e >> 2] |= ((u32)code & 0xffu) << (8 * (e & 3));
-      }
-      if (a.in_dtype == 1) ((u32 *)dst)[v] = c[0];
-      else ((uint2 *)dst)[v] = make_uint2(c[0], c[1]);
-    }
-    for (int k = a.K + threadIdx.x; k < a.KW * 32; k += blockDim.x) dst[k] = 0;   // zero past K
-    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) atomicAdd(&gsum[0], sum);
-  } else
-#endif
 #ifdef U8_TILED
   if (stage) {   // per-channel: one 4-byte granule of wgmma8's K order a thread, read back from the staged row
     // lane (c, t) = (l & 7, l >> 3) of granule group (s, h): codes of k = 256s + 128h + 32t + 8e + c, e = 0..3
@@ -163,15 +142,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const QArgs a) {
   for (int w = w_begin + warp; w < w_end; w += nwarps) {
     const int k = w * 32 + lane;
     int u = 0;
-    if (k < a.K) {
-      float v = 0.f;
-      if (stage) {
-        v = a.in_dtype == 1 ? ((const float *)xsm)[k] : h2f(((const unsigned short *)xsm)[k], a.in_dtype == 3);
-      } else {
-        v = load_x(a, base + k);
-      }
-      u = act_code(v, scale, zero);
-    }
+    if (k < a.K) u = act_code(load_x(a, base + k), scale, zero);
 #ifdef INT8_CODES
     // the INT8 family (int8.cu): centred codes a8 = u - 2^(Q-1), zero past K; sums are of a8
     const int code = k < a.K ? u - (1 << (Q - 1)) : 0;
