@@ -26,12 +26,12 @@ SAMPLE = [(1, 1), (2, 8), (3, 8), (4, 4), (6, 6), (7, 8), (8, 8)]
 
 
 def _ci_configs(arch):
-    """What the test compiles: every kernel the runtime may launch (all_configs: 618 for sm_80, 1266 for
-    sm_90a; about 20 minutes on CI's 2 cores). ABQC_QUICK_KERNEL_SWEEP=1 compiles a subset instead, for
-    local iteration: every activation packer and INT8 kernel; for every (P, Q) on sm_90a the GEMV build for
-    most tokens (and its bulk-copy twin), the single-token-tile GEMM build and the wgmma build for 128
-    tokens (all token tiles for the sample); for a fixed sample of (P, Q) on both archs the most
-    register-hungry builds of both families."""
+    """What the test compiles: every generated kernel of abqc.codegen.config (all_configs: 618 for sm_80,
+    1266 for sm_90a; about 20 minutes on CI's 2 cores; the CUTLASS path has its own test).
+    ABQC_QUICK_KERNEL_SWEEP=1 compiles a subset instead, for local iteration: every activation packer and
+    INT8 kernel; for every (P, Q) on sm_90a the GEMV build for most tokens (and its bulk-copy twin), the
+    single-token-tile GEMM build and the wgmma build for 128 tokens (all token tiles for the sample); for a
+    fixed sample of (P, Q) on both archs the most register-hungry builds of both families."""
     if os.environ.get("ABQC_QUICK_KERNEL_SWEEP") != "1":
         return all_configs(arch)
     out = [c for c in all_configs(arch) if c.family not in ("bmma", "gemv", "wgmma")]   # packers, the INT8 family
