@@ -17,7 +17,8 @@ from .errors import AbqcError
 _BITS_HELP = ('bit spec: "w4a8", "w2a8", "w2*a8" (balanced INT2, 3-plane storage), "w4a16" (weight-only), '
               '"w4a16g128" (groups of 128 along K), "w4a8g32f" (a trailing f: fractional weight zero points, '
               'kept to 2^-8), with overrides "w2a8,down=w4a8,0-2=w8a8,29.o=w4a8"')
-METHODS = ("rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")   # abqc.passes.METHODS, without importing torch
+METHODS = ("rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq",
+           "rot+gptq+e2e", "abq+rot+gptq+e2e")   # abqc.passes.METHODS, without importing torch
 _NO_CALIB_PASSES = ("rtn", "lower", "lower_fake")
 
 
@@ -65,7 +66,8 @@ def _method_options(p: argparse.ArgumentParser) -> None:
                         "(ABQ-LLM: sensitivity, clipping with distribution correction, lowering), abq+rot (Hadamard "
                         "rotation of the residual stream and online Hadamard on down_proj, then abq), gptq (RTN's grid, codes "
                         "re-rounded with GPTQ's second-order error feedback), rot+gptq (rotation, then gptq), "
-                        "abq+gptq (abq's learned grid, then GPTQ), abq+rot+gptq (rotation, abq, then GPTQ)")
+                        "abq+gptq (abq's learned grid, then GPTQ), abq+rot+gptq (rotation, abq, then GPTQ); a +e2e suffix "
+                        "then tunes every weight scale end to end against the float model's next-token distribution")
     p.add_argument("--calib-samples", type=_int_at_least(1), default=128,
                    help="calibration windows drawn from the corpus's calibration part (default 128; "
                         "ignored by rtn)")

@@ -33,7 +33,8 @@ from abqc import data  # noqa: E402
 from provenance import software  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
-METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
+METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq",
+           "rot+gptq+e2e", "abq+rot+gptq+e2e")
 CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
 DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16", "w2a16", "w2*a16")
 
@@ -63,7 +64,8 @@ def _fmt(v: float) -> str:
 def _recipe(c: dict) -> str:
     return (f"{c['samples']}x{c['seqlen']}x{c['epochs']} ({c['epochs_2bit']}), batch {c['batch']}, "
             f"lr {c['lr_clip']:g}/{c['lr_smooth']:g}" + (", GPTQ act-order" if c.get("gptq_act_order") else "")
-            + (", RTN guard" if c.get("rtn_guard") else ""))
+            + (", RTN guard" if c.get("rtn_guard") else "")
+            + (f", e2e {c['e2e_samples']}x{c['e2e_epochs']} lr {c['e2e_lr']:g}" if c.get("e2e_epochs") else ""))
 
 
 def write_table(records: list[dict], results: Path) -> None:
@@ -162,9 +164,14 @@ def run_one(args, method: str, bits: str) -> dict:
                          "lr_smooth": args.lr_smooth}
             kw["calib_options"] = {"epochs": args.epochs, "epochs_2bit": args.epochs_2bit, "batch": args.batch,
                                    "lr_clip": args.lr_clip, "lr_smooth": args.lr_smooth}
+            kw["pass_options"] = {}
             if args.gptq_act_order and "gptq" in method:
-                kw["pass_options"] = {"gptq": {"act_order": True}}
+                kw["pass_options"]["gptq"] = {"act_order": True}
                 calib_rec["gptq_act_order"] = True     # a recipe of its own: tabled apart
+            if "e2e" in method:
+                kw["pass_options"]["e2e"] = {"epochs": args.e2e_epochs, "lr": args.e2e_lr}
+                calib_rec |= {"e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
+                              "e2e_samples": args.calib_samples}
             if "abq" in method or "lwc" in method:     # the clip-learning pass: its keep-RTN-if-better check
                 kw["calib_options"]["keep_rtn_if_better"] = not args.no_rtn_guard
                 if not args.no_rtn_guard:
@@ -213,6 +220,8 @@ def main(argv=None) -> None:
                          "keep its calibration (CalibOptions.keep_rtn_if_better=False)")
     ap.add_argument("--gptq-act-order", action="store_true",
                     help="gptq methods: quantize columns in decreasing order of input energy (GPTQ's act-order)")
+    ap.add_argument("--e2e-epochs", type=int, default=1, help="e2e methods: passes over the calibration samples")
+    ap.add_argument("--e2e-lr", type=float, default=1e-3, help="e2e methods: Adam's step on the log of each scale")
     ap.add_argument("--jobs", type=int, default=1, help="(method, bits) processes at a time")
     ap.add_argument("--deadline", type=float, default=0, help="start no job after this many seconds (0: no limit)")
     ap.add_argument("--parts", default=str(ROOT / "results" / "ppl_parts"), help="folder of per-job records")
@@ -225,6 +234,7 @@ def main(argv=None) -> None:
 
     def part(method, bits):
         tag = "_actorder" if args.gptq_act_order and "gptq" in method else ""
+        tag += f"_e2e{args.e2e_epochs}x{args.e2e_lr:g}" if "e2e" in method else ""
         return parts / f"{method}{tag}_{bits.replace('*', 'b')}.json"
 
     if args.one:
