@@ -40,12 +40,14 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent
+# benchmarks/ is never on the import path: its kernels.py would shadow Hugging Face's `kernels` package,
+# which transformers imports; sibling scripts are imported as benchmarks.<name> from the repository root
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))          # benchmarks/provenance.py, also when loaded by path (tests)
 
 import abqc  # noqa: E402
-from provenance import software  # noqa: E402
-from w8a8 import W8A8Linear, quantize_rows, w8a8_kernels  # noqa: E402,F401 (quantize_rows: tests)
+from benchmarks.provenance import software  # noqa: E402
+from benchmarks.w8a8 import W8A8Linear, quantize_rows, w8a8_kernels  # noqa: E402,F401 (quantize_rows: tests)
 
 IMPLS = ("fp16", "w8a8", "w2a8", "w4a4", "w4a8")
 GIB = 1024 ** 3

@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+# benchmarks/ is never on the import path: its kernels.py would shadow Hugging Face's `kernels` package,
+# which transformers imports; sibling scripts are imported as benchmarks.<name> from the repository root
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))          # benchmarks/provenance.py, also when loaded by path (tests)
 
 from abqc import quant  # noqa: E402
 from abqc.bits import parse_pair  # noqa: E402
@@ -39,8 +41,8 @@ from abqc.codegen import planner  # noqa: E402
 from abqc.runtime import QuantLinear  # noqa: E402
 from abqc.runtime.hadamard import OnlineHadamard, hadamard_pack  # noqa: E402
 from abqc.runtime import cuda as rcuda  # noqa: E402
-from provenance import software  # noqa: E402
-from w8a8 import W8A8Linear, w8a8_kernels  # noqa: E402
+from benchmarks.provenance import software  # noqa: E402
+from benchmarks.w8a8 import W8A8Linear, w8a8_kernels  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) of LLaMA-7B linears
 MS = [1, 2, 4, 8, 16, 32, 128, 512, 2048]

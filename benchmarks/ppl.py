@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+# benchmarks/ is never on the import path: its kernels.py would shadow Hugging Face's `kernels` package,
+# which transformers imports; sibling scripts are imported as benchmarks.<name> from the repository root
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))          # benchmarks/provenance.py, also when loaded by path (tests)
 
 import abqc  # noqa: E402
 from abqc import data  # noqa: E402
-from provenance import software  # noqa: E402
+from benchmarks.provenance import software  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
 METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq",

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent
+# benchmarks/ is never on the import path: its kernels.py would shadow Hugging Face's `kernels` package,
+# which transformers imports; sibling scripts are imported as benchmarks.<name> from the repository root
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+sys.path.insert(0, str(ROOT.parent))
 from abqc import quant  # noqa: E402
 from abqc.bits import parse_pair  # noqa: E402
 from abqc.runtime import QuantLinear  # noqa: E402

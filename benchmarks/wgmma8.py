@@ -14,15 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parent
+# benchmarks/ is never on the import path: its kernels.py would shadow Hugging Face's `kernels` package,
+# which transformers imports; sibling scripts are imported as benchmarks.<name> from the repository root
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+sys.path.insert(0, str(ROOT.parent))
+
 
 
 def measure():
     import torch
     from abqc.codegen import planner
     from abqc.runtime import cuda as rcuda
-    from kernels import abqc_layer, weight_copies, rotating, bench_fp16
+    from benchmarks.kernels import abqc_layer, weight_copies, rotating, bench_fp16
     rows = []
     gpu = torch.cuda.get_device_name(0)
     for bits in ("w2a8", "w4a4", "w4a8"):

@@ -3,8 +3,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ppl  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import ppl  # noqa: E402
 
 GPU, CPU = "NVIDIA H100 80GB HBM3", "CPU x86_64 x2 threads"
 SHORT = {"samples": 8, "seqlen": 512, "epochs": 2, "epochs_2bit": 4, "batch": 4, "lr_clip": 0.05, "lr_smooth": 0.01}
