@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT.parent))
 
 import abqc  # noqa: E402
 from abqc import data  # noqa: E402
+from abqc.passes import CALIBRATED as CALIBRATED_PASSES, METHODS as PIPELINES  # noqa: E402
 from benchmarks.provenance import software  # noqa: E402
 
 KEY = ("model", "corpus", "seqlen", "windows", "hardware", "method", "bits", "calib")
-METHODS = ("fp16", "rtn", "smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq",
-           "rot+gptq+e2e", "abq+rot+gptq+e2e")
-CALIBRATED = ("smoothquant", "lwc-mse", "abq", "abq+rot", "gptq", "rot+gptq", "abq+gptq", "abq+rot+gptq")
+METHODS = ("fp16", *PIPELINES)   # table columns in this order
+CALIBRATED = tuple(m for m, pipe in PIPELINES.items() if any(p in CALIBRATED_PASSES for p in pipe))
 DEFAULT_BITS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w2*a8", "w4a16", "w2a16", "w2*a16")
 
 
