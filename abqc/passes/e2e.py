@@ -5,8 +5,8 @@ distribution matches the float model's (KL(p_fp || p_q) over the calibration tok
 Block-wise calibration (abq, lwc-mse) and GPTQ each fit one block or one linear to its own float output,
 so errors that only show downstream (how a block's error moves the logits) go unseen; this pass sees the
 whole model at once, with activations fake-quantized as deployed (per token, straight-through rounding).
-Only the scales move (about one number per 500 weights), so it cannot memorise its samples the way
-weight fine-tuning can (after EfficientQAT's end-to-end step, Chen et al. 2024). The teacher is the
+Only the scales move (one number per row of weights, or per group), so it cannot memorise its samples
+the way weight fine-tuning can (after EfficientQAT's end-to-end step, Chen et al. 2024). The teacher is the
 model's float graph as the passes before this one left it (rotation and smoothing keep its function).
 
 Runs after a pass that leaves ctx.state["qweights"] (rtn, abq, lwc-mse, gptq) and before lower.
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quant
+from ..calib import progress
 from ..capture import CapturedModel
 from ..errors import AbqcError
 from .base import PassContext, PassReport
@@ -32,7 +33,7 @@ class _ScaleTuned(nn.Module):
 
     def __init__(self, fp: nn.Module, pair, qw: quant.QuantizedWeight, act_symmetric: bool, device):
         super().__init__()
-        self.fp, self.pair, self.act_symmetric, self.qw = fp, pair, act_symmetric, qw
+        self.fp, self.pair, self.act_symmetric = fp, pair, act_symmetric
         n, k = qw.codes.shape
         # codes kept as int16 (2 bytes a weight, not a float copy of the model); K padded to whole groups
         self.register_buffer("codes", quant._pad_k(qw.codes, qw.group_size).view(n, -1, qw.group_size).to(device),
@@ -75,6 +76,7 @@ def make_e2e(epochs: int = 1, lr: float = 1e-3, samples: int | None = None, batc
         model = captured.model
         home = next(model.parameters()).device
         model.to(dev)
+        flags = {p: p.requires_grad for p in model.parameters()}   # before the tuned modules add theirs
         tuned = {}
         for b in captured.blocks:
             for role in list(b.linears):
@@ -83,19 +85,17 @@ def make_e2e(epochs: int = 1, lr: float = 1e-3, samples: int | None = None, batc
                     tuned[(b.index, role)] = m = _ScaleTuned(b.linear(role), pair, qw, ctx.act_symmetric, dev)
                     b.set_linear(role, m)
         params = [m.t for m in tuned.values()]
-        flags = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
         losses = []
-        from tqdm.auto import tqdm
         g = torch.Generator().manual_seed(ctx.seed)
         steps = [perm[i:i + batch] for _ in range(epochs)
                  for perm in [torch.randperm(ids.shape[0], generator=g)] for i in range(0, ids.shape[0], batch)]
         try:
-            for idx in tqdm(steps, desc="e2e", disable=not ctx.progress, leave=False):
+            for idx in progress(steps, ctx, "e2e"):
                 x = ids[idx].to(dev)
                 with torch.no_grad():
                     for m in tuned.values():
@@ -117,7 +117,7 @@ def make_e2e(epochs: int = 1, lr: float = 1e-3, samples: int | None = None, batc
                 for role in list(b.linears):
                     if (b.index, role) in tuned:
                         b.set_linear(role, tuned[(b.index, role)].fp)
-            for p, f in zip(model.parameters(), flags):
+            for p, f in flags.items():
                 p.requires_grad_(f)
             model.to(home)
         details = []
