@@ -29,22 +29,17 @@ from .base import PassContext, PassReport
 
 
 class _ScaleTuned(nn.Module):
-    """A quantized linear during tuning: W = (codes - zero) * scale0 * exp(t), t learnable, x fake-quantized."""
+    """A quantized linear during tuning: W = (codes - zero) * scale * exp(t), t learnable, x fake-quantized."""
 
     def __init__(self, fp: nn.Module, pair, qw: quant.QuantizedWeight, act_symmetric: bool, device):
         super().__init__()
         self.fp, self.pair, self.act_symmetric = fp, pair, act_symmetric
-        n, k = qw.codes.shape
-        # codes kept as int16 (2 bytes a weight, not a float copy of the model); K padded to whole groups
-        self.register_buffer("codes", quant._pad_k(qw.codes, qw.group_size).view(n, -1, qw.group_size).to(device),
-                             persistent=False)
-        self.register_buffer("zero", qw.zero.float().unsqueeze(-1).to(device), persistent=False)
-        self.register_buffer("scale0", qw.scale.float().to(device), persistent=False)
-        self.t = nn.Parameter(torch.zeros_like(self.scale0))
-        self.k, self.teacher = k, False
+        self.qw = qw.to(device)     # int16 codes: 2 bytes a weight, not a float copy of the model
+        self.t = nn.Parameter(torch.zeros_like(self.qw.scale, dtype=torch.float32))
+        self.teacher = False
 
     def scale(self) -> torch.Tensor:
-        return self.scale0 * torch.exp(self.t)
+        return self.qw.scale.float() * torch.exp(self.t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.teacher:
@@ -54,7 +49,8 @@ class _ScaleTuned(nn.Module):
             x = pre(x)
         if not self.pair.weight_only:
             x = quant.fake_quant_activation(x, self.pair.a_bits, self.act_symmetric, ste=True)
-        w = ((self.codes.float() - self.zero) * self.scale().unsqueeze(-1)).view(self.codes.shape[0], -1)[:, :self.k]
+        qw = self.qw
+        w = quant.QuantizedWeight(qw.codes, self.scale(), qw.zero, qw.planes, qw.group_size).dequantize()
         bias = getattr(self.fp, "bias", None)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -113,10 +109,9 @@ def make_e2e(epochs: int = 1, lr: float = 1e-3, samples: int | None = None, batc
                 opt.step()
                 losses.append(round(loss.item(), 6))
         finally:
-            for b in captured.blocks:
-                for role in list(b.linears):
-                    if (b.index, role) in tuned:
-                        b.set_linear(role, tuned[(b.index, role)].fp)
+            blocks = {b.index: b for b in captured.blocks}
+            for (layer, role), m in tuned.items():
+                blocks[layer].set_linear(role, m.fp)
             for p, f in flags.items():
                 p.requires_grad_(f)
             model.to(home)
