@@ -238,11 +238,7 @@ def main(argv=None):
                          "in --out, ordered by shape then M; each run keeps its own copy rate and command")
     args = ap.parse_args(argv)
     if args.merge:
-        records = merge_runs([json.loads(p.read_text()) for p in args.merge])
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "kernels.json").write_text(json.dumps(records, indent=1))
-        write_md(records, out / "kernels.md")
+        write_results(merge_runs([json.loads(p.read_text()) for p in args.merge]), Path(args.out))
         return
     if not rcuda.available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (sm_80+) with cuda-bindings installed")
@@ -319,10 +315,16 @@ def main(argv=None):
                         us, tile, wbytes, note = got
                         add(f"abqc-{family}", bits, m, n, k, us, flop, wbytes, f"best {family} tile; {note}", tile)
             # written after every M: a run cut short (device time limits) keeps what it measured
-            (out / "kernels.json").write_text(json.dumps(records, indent=1))
-            write_md(records, out / "kernels.md")
+            write_results(records, out)
         for bits in args.bits:      # this shape's layers (and their weight copies) are done
             del layers[(bits, n, k)]
+
+
+def write_results(records: list[dict], out: Path) -> None:
+    """out/kernels.json and out/kernels.md of these records."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(records, indent=1))
+    write_md(records, out / "kernels.md")
 
 
 def merge_runs(runs: list[list[dict]]) -> list[dict]:

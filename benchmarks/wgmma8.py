@@ -21,7 +21,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(ROOT.parent))
 
 
-
 def measure():
     import torch
     from abqc.codegen import planner
@@ -40,13 +39,15 @@ def measure():
                 w8 = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
                 intmm = planner.time_us(lambda: torch._int_mm(a8, w8.t()))
                 r = dict(gpu=gpu, bits=bits, M=m, N=n, K=k, int_mm_us=round(intmm, 2), fp16_us=round(bench_fp16(x, n, k), 2))
+                def call(w, t):   # the whole linear on weight copy w with tile t
+                    return rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, n, pair.a_bits, gw, groups,
+                                             k, False, tile=t)
                 ref = None
                 for tile in [("int8", 0, 0), ("bmma", 4, 2)] + [("wgmma8", wg, tn) for wg in (1, 2) for tn in (4, 8, 16)]:
-                    f = lambda w=wt, t=tile: rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, n, pair.a_bits, gw, groups, k, False, tile=t)
-                    y = f()
+                    y = call(wt, tile)
                     if ref is None: ref = y
                     ok = bool(torch.allclose(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.float().abs().max().item()))
-                    us = planner.time_us(rotating([lambda w=w, t=tile: rcuda.bmma_linear(x, w, ql.w_scale, ql.w_zero, ql.w_sum, None, n, pair.a_bits, gw, groups, k, False, tile=t) for w in wts]), iters=1) / len(wts)
+                    us = planner.time_us(rotating([lambda w=w, t=tile: call(w, t) for w in wts]), iters=1) / len(wts)
                     r[",".join(map(str, tile))] = round(us, 2); r[",".join(map(str, tile)) + "_ok"] = ok
                 pk = planner.time_us(lambda: rcuda.quant_u8(x, pair.a_bits, gw, k, False))
                 r["quant_u8_us"] = round(pk, 2)
